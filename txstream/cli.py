@@ -1,0 +1,191 @@
+"""The ``txstream`` command: generate, run, train, services.
+
+Configuration mistakes (a bad flag, a missing input, an invalid rules or model
+file, an unreachable server) print one line, ``txstream: error: ...``, and
+exit with status 2; no traceback. ``run`` accepts every standard Beam flag
+(``--runner``, ``--direct_num_workers``, ...) alongside its own.
+"""
+import argparse
+import datetime
+import json
+import logging
+import sys
+
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+from txstream import services
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+  """A mistake in how the command was called; reported as one line."""
+
+
+class _StrictBeamParser(_BeamArgumentParser):
+  def error(self, message):
+    raise UsageError(message)
+
+
+def _all_option_classes():
+  # Importing registers txstream's own option classes with Beam.
+  import txstream.config.options  # pylint: disable=unused-import
+  seen, stack = {}, list(PipelineOptions.__subclasses__())
+  while stack:
+    cls = stack.pop()
+    seen.setdefault(str(cls), cls)
+    stack.extend(cls.__subclasses__())
+  return seen.values()
+
+
+def pipeline_options(argv) -> PipelineOptions:
+  """PipelineOptions from argv, rejecting flags no option class knows and bad values."""
+  parser = _StrictBeamParser(allow_abbrev=False)
+  for cls in _all_option_classes():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(argv)
+  flags = [a for a in unknown if a.startswith("-")]
+  if flags:
+    raise UsageError(f"unrecognized flag {flags[0].split('=')[0]} (see `txstream run --help`)")
+  if unknown:
+    raise UsageError(f"unexpected argument {unknown[0]!r}")
+  return PipelineOptions(argv)
+
+
+def _date(text: str) -> datetime.date:
+  try:
+    return datetime.date.fromisoformat(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from e
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UsageError(message)
+
+
+def _generate_parser(sub):
+  p = sub.add_parser("generate", help="Write seeded, realistic card transactions (handbook simulator design).",
+                     description="Simulate customers and terminals on a 100x100 grid with the three fraud "
+                                 "scenarios; write wire-format files, labels and reference data.")
+  p.add_argument("--out", required=True, help="Output directory.")
+  p.add_argument("--customers", type=int, default=5000, help="Number of customers (default 5000).")
+  p.add_argument("--terminals", type=int, default=10000, help="Number of terminals (default 10000).")
+  p.add_argument("--days", type=int, default=30, help="Number of days (default 30).")
+  p.add_argument("--start", type=_date, default=datetime.date(2018, 4, 1), help="First day (default 2018-04-01).")
+  p.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
+  p.add_argument("--schema_version", type=int, default=2, choices=(1, 2), help="Transaction schema version.")
+  p.add_argument("--corrupt_fraction", type=float, default=0.0,
+                 help="Share of messages to damage on purpose (lists them in corrupted.json).")
+
+
+def _run_parser(sub):
+  p = sub.add_parser("run", help="Run the graph bounded over generated files (DirectRunner by default).",
+                     add_help=False, description="All standard Beam flags pass through.")
+  p.add_argument("-h", "--help", action="store_true")
+
+
+def _train_parser(sub):
+  p = sub.add_parser("train", help="Compute features with the pipeline and train the XGBoost model.")
+  p.add_argument("--input", required=True, help="Directory written by `txstream generate`.")
+  p.add_argument("--model_dir", required=True, help="Where to write model.json + metadata.json.")
+  p.add_argument("--metrics_json", default=None, help="Also write the metrics here.")
+  p.add_argument("--train_days", type=int, default=None,
+                 help="Days used for training (default: all but the delay and test weeks).")
+  p.add_argument("--test_days", type=int, default=7, help="Days held out for testing (default 7).")
+  p.add_argument("--delay_days", type=int, default=7, help="Gap between train and test (default 7).")
+  p.add_argument("--seed", type=int, default=0, help="Training seed (default 0).")
+
+
+def _run_help():
+  import txstream.config.options as o
+  parser = argparse.ArgumentParser(prog="txstream run", description=(
+      "Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
+      "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also applies."))
+  for cls in (o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions):
+    cls._add_argparse_args(parser.add_argument_group(cls.__name__))  # pylint: disable=protected-access
+  parser.print_help()
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
+  sub = parser.add_subparsers(dest="command", metavar="{generate,run,train,services}")
+  _generate_parser(sub)
+  _run_parser(sub)
+  _train_parser(sub)
+  services.add_parser(sub)
+  try:
+    if not argv or argv[0] in ("-h", "--help"):
+      parser.print_help()
+      return 0
+    if argv[0] == "run":
+      if "-h" in argv[1:] or "--help" in argv[1:]:
+        _run_help()
+        return 0
+      return _run(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+      return _generate(args)
+    if args.command == "train":
+      return _train(args)
+    if args.command == "services":
+      return services.run(args)
+    raise UsageError(f"unknown command {argv[0]!r}")
+  except UsageError as e:
+    print(f"txstream: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("txstream: interrupted", file=sys.stderr)
+    return 130
+
+
+def _config_errors():
+  from txstream.models.artifacts import ModelError
+  from txstream.pipelines.run import ConfigError
+  from txstream.transforms.rules import RulesError
+  return (ConfigError, ModelError, RulesError)
+
+
+def _run(argv) -> int:
+  from txstream.pipelines import run as run_lib
+  try:
+    options = pipeline_options(argv)
+    summary = run_lib.run(options=options)
+  except _config_errors() as e:
+    raise UsageError(str(e)) from e
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  return 0
+
+
+def _generate(args) -> int:
+  from txstream.pipelines import generate as gen
+  try:
+    manifest = gen.generate(args.out, args.customers, args.terminals, args.days, args.start, args.seed,
+                            args.schema_version, args.corrupt_fraction)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  except OSError as e:
+    raise UsageError(f"cannot write {args.out}: {e.strerror}") from e
+  print(json.dumps(manifest, indent=2, sort_keys=True))
+  return 0
+
+
+def _train(args) -> int:
+  from txstream.models import train as train_lib
+  try:
+    metrics = train_lib.train(args.input, args.model_dir, train_days=args.train_days, test_days=args.test_days,
+                              delay_days=args.delay_days, seed=args.seed)
+  except _config_errors() + (ValueError,) as e:
+    raise UsageError(str(e)) from e
+  text = json.dumps(metrics, indent=2, sort_keys=True)
+  if args.metrics_json:
+    with open(args.metrics_json, "w", encoding="utf-8") as f:
+      f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

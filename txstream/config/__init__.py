@@ -1,0 +1,1 @@
+"""Pipeline options and bundled configuration (rules)."""

@@ -1,0 +1,65 @@
+"""Pipeline options, one ``PipelineOptions`` subclass per concern.
+
+Standard Beam flags (``--runner``, ``--direct_num_workers``, ``--streaming``,
+...) pass straight through; these add txstream's own. Read them with
+``options.view_as(SourceOptions)`` and so on.
+"""
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_OUT = "out"
+
+
+class SourceOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--input", default=None,
+                        help="Directory written by `txstream generate` (transactions/, labels/, reference/).")
+    parser.add_argument("--schema_registry_url", default=None,
+                        help="Confluent-compatible schema registry; default: the schemas bundled in the package.")
+    parser.add_argument("--reference_dir", default=None,
+                        help="Reference data directory (customers.avro, terminals.avro); default: INPUT/reference.")
+
+
+class FeatureOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--allowed_lateness_s", type=int, default=3600,
+                        help="Events later than this behind the watermark go to dead letters as 'late'.")
+    parser.add_argument("--terminal_delay_days", type=int, default=7,
+                        help="Delay d of the terminal risk windows (labels take time to become known).")
+
+
+class ScoreOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--model_dir", default=None,
+                        help="Model artifact directory (model.json + metadata.json); default: the bundled model.")
+    parser.add_argument("--rules", default=None,
+                        help="Rules YAML file; default: the bundled rules.")
+    parser.add_argument("--inference_batch_size", type=int, default=1000,
+                        help="Maximum batch size for RunInference.")
+
+
+class TierOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    # s3:// paths use Beam's own S3 flags (--s3_endpoint_url, --s3_access_key_id, ...).
+    parser.add_argument("--cold_path", default=os.path.join(DEFAULT_OUT, "cold"),
+                        help="Cold tier root (local folder or s3://bucket/prefix); Parquet under decisions/.")
+    parser.add_argument("--dead_letter_path", default=os.path.join(DEFAULT_OUT, "dead_letters"),
+                        help="Folder for dead-letter JSON lines files.")
+    parser.add_argument("--redis_url", default=None, help="Hot tier, e.g. redis://127.0.0.1:6379/0.")
+    parser.add_argument("--postgres_dsn", default=None,
+                        help="Warm tier, e.g. 'host=127.0.0.1 dbname=txstream user=postgres'.")
+    parser.add_argument("--clickhouse_url", default=None,
+                        help="Analytics tier, e.g. clickhouse://127.0.0.1:9000/txstream.")
+    parser.add_argument("--no_cold", action="store_true", default=False,
+                        help="Do not write the cold tier.")
+
+
+class RunOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--summary_json", default=None, help="Write the run summary here (also printed).")

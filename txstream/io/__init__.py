@@ -1,0 +1,1 @@
+"""Wire format, schema registry, sources and sinks."""

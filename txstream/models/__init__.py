@@ -1,0 +1,1 @@
+"""Model artifacts, the RunInference model handler and training."""

@@ -1,0 +1,32 @@
+"""The RunInference model handler: XGBoost, batched, loaded once per worker.
+
+Beam's ``XGBoostModelHandlerNumpy`` loads the model through ``FileSystems``
+(local, gs://, s3://) and RunInference shares it per worker. Its default
+inference function calls ``predict`` once per example and returns class labels;
+fraud scoring needs probabilities and one call per batch, so this module
+supplies the inference function.
+"""
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import xgboost
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
+from apache_beam.ml.inference.xgboost_inference import XGBoostModelHandlerNumpy
+
+
+def batched_fraud_probability(batch: Sequence[np.ndarray], model: xgboost.XGBClassifier,
+                              inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
+  """One predict_proba call for the whole batch; returns P(fraud) per example."""
+  matrix = np.vstack(batch)
+  probabilities = model.predict_proba(matrix, **(inference_args or {}))[:, 1]
+  return [PredictionResult(x, float(p)) for x, p in zip(batch, probabilities)]
+
+
+def fraud_model_handler(model_path: str, max_batch_size: int = 1000) -> KeyedModelHandler:
+  """Keyed handler: elements are (key, feature vector); outputs (key, PredictionResult)."""
+  return KeyedModelHandler(XGBoostModelHandlerNumpy(
+      model_class=xgboost.XGBClassifier,
+      model_state=model_path,
+      inference_fn=batched_fraud_probability,
+      min_batch_size=1,
+      max_batch_size=max_batch_size))

@@ -1,0 +1,1 @@
+"""Graph builder and the entry points behind each ``txstream`` subcommand."""

@@ -1,0 +1,185 @@
+"""``txstream generate``: realistic, seeded card transactions in the wire format.
+
+The simulation itself is ``simulator.simulate`` (the Fraud Detection
+Handbook's published design). This module turns it into what the pipeline
+reads: framed Confluent wire-format files, one per day, under
+``OUT/transactions/``; the delayed fraud labels (chargebacks) under
+``OUT/labels/``; customer and terminal reference data as Avro files under
+``OUT/reference/``; and ``OUT/manifest.json``.
+
+Card numbers are synthetic and never written: only their HMAC-SHA256 token
+under the key in ``TXSTREAM_TOKEN_KEY`` (a per-seed demonstration key when
+unset; the data are synthetic, so no real secret is involved).
+
+``--corrupt_fraction`` damages that share of messages (garbage bytes, wrong
+magic byte, unknown schema id, truncated body) and lists each damaged source
+position with its expected dead-letter reason in ``OUT/corrupted.json``.
+"""
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Dict, List
+
+import fastavro
+import numpy as np
+
+from txstream.io import schema_registry, wire
+from txstream.pipelines import simulator
+
+_LOGGER = logging.getLogger(__name__)
+DAY_MS = 86_400_000
+ENTRY_MODES = ("chip", "contactless", "ecommerce", "magstripe")
+MERCHANT_CATEGORIES = (5411, 5812, 5541, 5999, 4111, 5732, 5311, 7011)
+SEGMENTS = ("retail", "premium", "student", "business")
+DAMAGE = ("garbage", "bad_magic", "unknown_schema", "truncated")
+EXPECTED_REASON = {"garbage": "bad_magic_byte", "bad_magic": "bad_magic_byte",
+                   "unknown_schema": "unknown_schema_id", "truncated": "avro_decode_error"}
+
+
+def token_key(seed: int) -> bytes:
+  key = os.environ.get("TXSTREAM_TOKEN_KEY")
+  return key.encode() if key else f"txstream-demo-token-key-{seed}".encode()
+
+
+def card_number(customer_id: int) -> str:
+  """A synthetic, Luhn-valid 16-digit card number in a test range."""
+  body = f"400000{customer_id:09d}"
+  total = 0
+  for i, ch in enumerate(reversed(body)):
+    d = int(ch)
+    if i % 2 == 0:
+      d = d * 2 - 9 if d * 2 > 9 else d * 2
+    total += d
+  return body + str((10 - total % 10) % 10)
+
+
+def card_tokens(n_customers: int, seed: int) -> List[str]:
+  key = token_key(seed)
+  return [hmac.new(key, card_number(c).encode(), hashlib.sha256).hexdigest() for c in range(n_customers)]
+
+
+def transaction_ids(seed: int, n: int) -> List[str]:
+  out = []
+  for i in range(n):
+    h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=16).hexdigest()
+    out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+  return out
+
+
+def _damage(message: bytes, kind: str, rng: np.random.Generator) -> bytes:
+  if kind == "garbage":
+    # A first byte other than 0 guarantees the header check catches it.
+    return bytes([1 + int(rng.integers(0, 255))]) + rng.bytes(int(rng.integers(4, 120)))
+  if kind == "bad_magic":
+    return b"\x07" + message[1:]
+  if kind == "unknown_schema":
+    return message[:1] + (999_999).to_bytes(4, "big") + message[5:]
+  return message[:max(6, len(message) // 2)]
+
+
+class Writer:
+  """Writes one simulation into an output directory."""
+  def __init__(self, out: str, schema_version: int = 2, corrupt_fraction: float = 0.0):
+    if schema_version not in (1, 2):
+      raise ValueError("--schema_version must be 1 or 2")
+    if not 0 <= corrupt_fraction < 1:
+      raise ValueError("--corrupt_fraction must be in [0, 1)")
+    self.out = out
+    self.schema_id = schema_version
+    self.corrupt_fraction = corrupt_fraction
+    self.registry = schema_registry.FileSchemaRegistry()
+
+  def write(self, sim: simulator.Simulation) -> dict:
+    for sub in ("transactions", "labels", "reference"):
+      os.makedirs(os.path.join(self.out, sub), exist_ok=True)
+    refs = self._write_reference(sim)
+    counts = self._write_transactions(sim, refs)
+    counts["labels"] = self._write_labels(sim)
+    manifest = {"seed": sim.seed, "start": sim.start.isoformat(), "customers": len(sim.customers["customer_id"]),
+                "terminals": len(sim.terminals["terminal_id"]), "schema_id": self.schema_id, **counts}
+    with open(os.path.join(self.out, "manifest.json"), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+    return manifest
+
+  def _write_reference(self, sim) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng([sim.seed, 1])
+    c = sim.customers
+    segments = rng.integers(0, len(SEGMENTS), len(c["customer_id"]))
+    with open(os.path.join(self.out, "reference", "customers.avro"), "wb") as f:
+      fastavro.writer(f, schema_registry.load_schema_file("customer_v1.avsc"), (
+          {"customer_id": int(i), "home_x": float(x), "home_y": float(y), "segment": SEGMENTS[s]}
+          for i, x, y, s in zip(c["customer_id"], c["x"], c["y"], segments)))
+    t = sim.terminals
+    mcc = rng.choice(MERCHANT_CATEGORIES, len(t["terminal_id"]))
+    with open(os.path.join(self.out, "reference", "terminals.avro"), "wb") as f:
+      fastavro.writer(f, schema_registry.load_schema_file("terminal_v1.avsc"), (
+          {"terminal_id": int(i), "x": float(x), "y": float(y), "merchant_category": int(m)}
+          for i, x, y, m in zip(t["terminal_id"], t["x"], t["y"], mcc)))
+    return {"mcc": mcc}
+
+  def _write_transactions(self, sim, refs) -> dict:
+    tx = sim.transactions
+    n = len(tx["tx_index"])
+    rng = np.random.default_rng([sim.seed, 2])
+    modes = rng.integers(0, len(ENTRY_MODES), n)
+    damaged = rng.random(n) < self.corrupt_fraction
+    kinds = rng.integers(0, len(DAMAGE), n)
+    ids = transaction_ids(sim.seed, n)
+    tokens = card_tokens(len(sim.customers["customer_id"]), sim.seed)
+    schema = self.registry.parsed(self.schema_id)
+    start_ms = int(datetime.datetime.combine(sim.start, datetime.time(), datetime.timezone.utc).timestamp() * 1000)
+    day = (tx["event_time_ms"] - start_ms) // DAY_MS
+    corrupted = []
+    for d in np.unique(day):
+      name = f"day-{sim.start + datetime.timedelta(days=int(d))}.wire"
+      rows = np.nonzero(day == d)[0]
+      messages = []
+      for index, i in enumerate(rows):
+        record = {"transaction_id": ids[i], "event_time": int(tx["event_time_ms"][i]),
+                  "customer_id": int(tx["customer_id"][i]), "terminal_id": int(tx["terminal_id"][i]),
+                  "card_token": tokens[tx["customer_id"][i]], "amount_minor": max(1, int(tx["amount_cents"][i])),
+                  "currency": "EUR", "entry_mode": ENTRY_MODES[modes[i]],
+                  "merchant_category": int(refs["mcc"][tx["terminal_id"][i]])}
+        message = wire.encode(self.schema_id, schema, record)
+        if damaged[i]:
+          kind = DAMAGE[kinds[i]]
+          message = _damage(message, kind, rng)
+          corrupted.append({"source": f"{name}#{index}", "kind": kind, "reason": EXPECTED_REASON[kind],
+                            "transaction_id": ids[i]})
+        messages.append(message)
+      with open(os.path.join(self.out, "transactions", name), "wb") as f:
+        wire.write_frames(f, messages)
+    if self.corrupt_fraction:
+      with open(os.path.join(self.out, "corrupted.json"), "w", encoding="utf-8") as f:
+        json.dump(corrupted, f, indent=1)
+    return {"transactions": n, "frauds": int(tx["is_fraud"].sum()), "corrupted": len(corrupted)}
+
+  def _write_labels(self, sim) -> int:
+    tx = sim.transactions
+    ids = transaction_ids(sim.seed, len(tx["tx_index"]))
+    schema_id, _ = self.registry.latest(schema_registry.LABEL_SUBJECT)
+    schema = self.registry.parsed(schema_id)
+    frauds = np.nonzero(tx["is_fraud"])[0]
+    frauds = frauds[np.lexsort((frauds, tx["label_time_ms"][frauds]))]
+    messages = [wire.encode(schema_id, schema, {
+        "transaction_id": ids[i], "label_time": int(tx["label_time_ms"][i]), "tx_time": int(tx["event_time_ms"][i]),
+        "customer_id": int(tx["customer_id"][i]), "terminal_id": int(tx["terminal_id"][i]), "is_fraud": True})
+        for i in frauds]
+    with open(os.path.join(self.out, "labels", "labels.wire"), "wb") as f:
+      wire.write_frames(f, messages)
+    return len(messages)
+
+
+def generate(out: str, customers: int, terminals: int, days: int, start: datetime.date, seed: int,
+             schema_version: int = 2, corrupt_fraction: float = 0.0) -> dict:
+  writer = Writer(out, schema_version, corrupt_fraction)
+  t0 = time.monotonic()
+  sim = simulator.simulate(customers, terminals, days, start, seed)
+  _LOGGER.info("simulated %d transactions in %.1fs", sim.n_transactions, time.monotonic() - t0)
+  manifest = writer.write(sim)
+  manifest["wall_seconds"] = round(time.monotonic() - t0, 2)
+  return manifest

@@ -1,0 +1,105 @@
+"""The one graph: ReadTransactions -> DecodeAndValidate -> Enrich -> ComputeFeatures -> Score -> WriteTiers.
+
+``build_graph`` wires the composites from parsed options and returns the
+output PCollections, so tests can swap any source (``Create``, ``TestStream``)
+and check any stage. Nothing here runs the pipeline.
+"""
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
+
+from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
+from txstream.records import DeadLetter
+from txstream.transforms.enrich import Enrich, ReadReference, reference_version
+from txstream.transforms.features import ComputeFeatures
+from txstream.transforms.read import ReadLabels, ReadTransactions
+from txstream.transforms.score import Score
+from txstream.transforms.tiers import TierConfig, WriteDeadLetters, WriteTiers
+from txstream.transforms.validate import DecodeAndValidate, DecodeLabels
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class GraphOutputs(NamedTuple):
+  decisions: beam.PCollection
+  dead_letters: beam.PCollection
+  label_dead_letters: beam.PCollection
+  filtered: beam.PCollection
+  tier_writes: dict
+  model_version: str
+
+
+class Sources(NamedTuple):
+  """Optional replacements for the graph's sources (tests, Kafka)."""
+  raw: Optional[beam.PCollection] = None
+  raw_labels: Optional[beam.PCollection] = None
+  customers: Optional[beam.PCollection] = None
+  terminals: Optional[beam.PCollection] = None
+  reference_version: Optional[str] = None
+
+
+class FeatureOutputs(NamedTuple):
+  featured: beam.PCollection
+  filtered: beam.PCollection
+  dead_letters: beam.PCollection
+  label_dead_letters: beam.PCollection
+
+
+def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> FeatureOutputs:
+  """Read -> DecodeAndValidate -> Enrich -> ComputeFeatures: shared by scoring and training."""
+  src = options.view_as(SourceOptions)
+  feat = options.view_as(FeatureOptions)
+  raw = sources.raw
+  read_dead = []
+  if raw is None:
+    read = pipeline | "ReadTransactions" >> ReadTransactions(src.input)
+    raw, read_dead = read.records, [read.dead_letters]
+  raw_labels = sources.raw_labels
+  label_dead = []
+  if raw_labels is None and src.input:
+    labels_read = pipeline | "ReadLabels" >> ReadLabels(src.input)
+    raw_labels, label_dead = labels_read.records, [labels_read.dead_letters]
+  customers, terminals, version = sources.customers, sources.terminals, sources.reference_version
+  if customers is None:
+    reference_dir = src.reference_dir or os.path.join(src.input, "reference")
+    customers, terminals = pipeline | "ReadReference" >> ReadReference(reference_dir)
+    version = reference_version(reference_dir)
+
+  decoded = raw | "DecodeAndValidate" >> DecodeAndValidate(src.schema_registry_url)
+  labels = None
+  if raw_labels is not None:
+    decoded_labels = raw_labels | "DecodeLabels" >> DecodeLabels(src.schema_registry_url)
+    labels = decoded_labels.valid
+    label_dead.append(decoded_labels.dead_letters)
+  enriched = decoded.valid | "Enrich" >> Enrich(customers, terminals, version)
+  bounded = not options.view_as(StandardOptions).streaming
+  features = enriched.enriched | "ComputeFeatures" >> ComputeFeatures(
+      labels, feat.allowed_lateness_s, feat.terminal_delay_days, bounded=bounded)
+  dead = (read_dead + [decoded.dead_letters, enriched.dead_letters, features.dead_letters]
+          ) | "AllDeadLetters" >> beam.Flatten()
+  label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetter)]
+                ) | "AllLabelDeadLetters" >> beam.Flatten()
+  return FeatureOutputs(features.featured, features.filtered, dead, label_dead)
+
+
+def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> GraphOutputs:
+  """The whole graph; returns decisions, dead letters, filtered records and tier write results."""
+  score_opts = options.view_as(ScoreOptions)
+  tiers = options.view_as(TierOptions)
+  # Constructing Score first checks the model and rules before anything is read.
+  score = Score(score_opts.model_dir, score_opts.rules, score_opts.inference_batch_size)
+  features = build_features(pipeline, options, sources)
+  decisions = features.featured | "Score" >> score
+  config = TierConfig(None if tiers.no_cold else tiers.cold_path, tiers.dead_letter_path,
+                      tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url)
+  writes = decisions | "WriteTiers" >> WriteTiers(config)
+  if tiers.dead_letter_path:
+    writes["dead_letters"] = (
+        (features.dead_letters, features.label_dead_letters)
+        | "DeadAndLabelDead" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path))
+  return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, writes,
+                      score.model_version)

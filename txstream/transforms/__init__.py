@@ -1,0 +1,1 @@
+"""The named composite PTransforms of the graph, one concept per module."""
