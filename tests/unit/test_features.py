@@ -78,11 +78,12 @@ def test_terminal_risk_uses_known_labels_only():
                 equal_to([("tx-00000", 0.0), ("tx-00001", 0.0), ("tx-00002", 1.0)]))
 
 
-def test_exact_duplicates_are_filtered_and_conflicts_dead_lettered():
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
+def test_exact_duplicates_are_filtered_and_conflicts_dead_lettered(bounded):
   a = _tx(0, h.T0, 1, 3, 100)
   conflict = a._replace(amount_minor=999, source="test#9")
   with TestPipeline() as p:
-    out = p | beam.Create([a, a._replace(source="test#8"), conflict]) | ComputeFeatures(None)
+    out = p | beam.Create([a, a._replace(source="test#8"), conflict]) | ComputeFeatures(None, bounded=bounded)
     assert_that(out.featured | "Ids" >> beam.Map(lambda f: f.transaction.source), equal_to(["test#0"]), label="kept")
     assert_that(out.filtered | "F" >> beam.Map(lambda kv: kv[0]), equal_to(["duplicate"]), label="filtered")
     assert_that(out.dead_letters | "D" >> beam.Map(lambda d: d.reason), equal_to(["conflicting_duplicate"]),

@@ -7,9 +7,10 @@ rows are sorted by ``transaction_id``: a rerun of the same window replaces the
 file instead of adding a second copy.
 """
 import datetime
+import functools
 import io
 import logging
-from typing import Iterable, List, Sequence
+from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,46 +33,48 @@ def decision_schema(feature_names: Sequence[str]) -> pa.Schema:
       + [(name.lower(), pa.float64()) for name in feature_names])
 
 
-def partition_of(event_time_ms: int) -> str:
-  moment = datetime.datetime.fromtimestamp(event_time_ms / 1000, tz=datetime.timezone.utc)
+HOUR_MS = 3_600_000
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition_of_hour(hour: int) -> str:
+  moment = datetime.datetime.fromtimestamp(hour * 3600, tz=datetime.timezone.utc)
   return f"event_date={moment:%Y-%m-%d}/event_hour={moment:%H}"
 
 
-def decision_columns(decisions: List[Decision], feature_names: Sequence[str]) -> dict:
-  txs = [d.transaction for d in decisions]
-  columns = {
-      "transaction_id": [t.transaction_id for t in txs],
-      "event_time": [t.event_time_ms for t in txs],
-      "customer_id": [t.customer_id for t in txs],
-      "terminal_id": [t.terminal_id for t in txs],
-      "card_token": [t.card_token for t in txs],
-      "amount_minor": [t.amount_minor for t in txs],
-      "currency": [t.currency for t in txs],
-      "entry_mode": [t.entry_mode for t in txs],
-      "merchant_category": [t.merchant_category for t in txs],
-      "score": [d.score for d in decisions],
-      "decision": [d.decision for d in decisions],
-      "reason_codes": [list(d.reason_codes) for d in decisions],
-      "model_version": [d.model_version for d in decisions],
-      "reference_version": [t.reference_version for t in txs],
-      "pipeline_version": [d.pipeline_version for d in decisions],
-      "schema_id": [t.schema_id for t in txs],
-      "source": [t.source for t in txs],
-      "decided_at": [d.decided_at_ms for d in decisions],
-  }
-  for i, name in enumerate(feature_names):
-    columns[name.lower()] = [d.features[i] for d in decisions]
-  return columns
+def partition_of(event_time_ms: int) -> str:
+  """``event_date=YYYY-MM-DD/event_hour=HH`` of an event time (UTC)."""
+  return _partition_of_hour(event_time_ms // HOUR_MS)
 
 
-def write_partition(root: str, partition: str, decisions: Iterable[Decision],
-                    feature_names: Sequence[str]) -> int:
-  """Writes (replaces) one partition file; returns the number of rows."""
-  rows = sorted(decisions, key=lambda d: d.transaction.transaction_id)
-  table = pa.Table.from_pydict(decision_columns(rows, feature_names), schema=decision_schema(feature_names))
+def decision_row(d: Decision) -> tuple:
+  """A decision as a flat tuple of primitives in ``decision_schema`` column order.
+
+  Cheap to encode and shuffle (no nested records), so the cold tier groups
+  rows, not Decisions.
+  """
+  t = d.transaction
+  return ((t.transaction_id, t.event_time_ms, t.customer_id, t.terminal_id, t.card_token, t.amount_minor,
+           t.currency, t.entry_mode, t.merchant_category, d.score, d.decision, list(d.reason_codes),
+           d.model_version, t.reference_version, d.pipeline_version, t.schema_id, t.source, d.decided_at_ms)
+          + tuple(d.features))
+
+
+def write_rows(root: str, partition: str, rows: Iterable[tuple], feature_names: Sequence[str]) -> int:
+  """Writes (replaces) one partition file from ``decision_row`` tuples; returns the number of rows."""
+  rows = sorted(rows, key=lambda r: r[0])
+  schema = decision_schema(feature_names)
+  columns = list(zip(*rows)) if rows else [[] for _ in schema]
+  table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, schema)], schema=schema)
   buf = io.BytesIO()
   pq.write_table(table, buf, compression="zstd")
   path = FileSystems.join(root, "decisions", partition, "part-00000.parquet")
   with FileSystems.create(path) as f:
     f.write(buf.getvalue())
   return len(rows)
+
+
+def write_partition(root: str, partition: str, decisions: Iterable[Decision],
+                    feature_names: Sequence[str]) -> int:
+  """Writes (replaces) one partition file of Decisions; returns the number of rows."""
+  return write_rows(root, partition, [decision_row(d) for d in decisions], feature_names)

@@ -39,8 +39,7 @@ FEATURE_NAMES = (
     + [f"TERMINAL_ID_{kind}_{n}DAY_WINDOW" for n in WINDOWS_DAYS for kind in ("NB_TX", "RISK")]
     + ["HOME_DISTANCE"])
 
-_TX, _LABEL = 1, 0
-_END_OF_TIME_MS = 2 ** 62  # at equal times a label is known before the transaction is decided
+_TX, _LABEL = 1, 0  # at equal times a label is known before the transaction is decided
 
 
 class FeaturesResult(NamedTuple):
@@ -67,9 +66,9 @@ class _OrderedFn(beam.DoFn):
   NEXT_FIRE = ReadModifyWriteStateSpec("next_fire", VarIntCoder())
   FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
-  def __init__(self, lateness_ms: int, bounded: bool):
+  def __init__(self, lateness_ms: int):
+    super().__init__()
     self._lateness_ms = lateness_ms
-    self._bounded = bounded
     self._late = Metrics.counter(NAMESPACE, f"dead_letter.{STAGE}.late")
     self._late_labels = Metrics.counter(NAMESPACE, f"label_dead_letter.{STAGE}.late")
 
@@ -97,10 +96,9 @@ class _OrderedFn(beam.DoFn):
                state=beam.DoFn.StateParam(STATE), done=beam.DoFn.StateParam(DONE_UP_TO),
                next_fire=beam.DoFn.StateParam(NEXT_FIRE), flush=beam.DoFn.TimerParam(FLUSH)):
     fire_ms = fire.micros // 1000
-    # Bounded input: the watermark jumps from -inf to +inf once every element
-    # has arrived, so the whole bag is ready. Unbounded: a timer at T only
-    # proves the watermark passed T, so only elements up to T - lateness are.
-    horizon = _END_OF_TIME_MS if self._bounded else fire_ms - self._lateness_ms
+    # A timer at T only proves the watermark passed T, so only elements up to
+    # T - lateness are final.
+    horizon = fire_ms - self._lateness_ms
     ready, waiting = [], []
     for element in pending.read():
       (ready if self.time_of(element) <= horizon else waiting).append(element)
@@ -125,11 +123,22 @@ class _OrderedFn(beam.DoFn):
       next_fire.clear()
 
 
-class _CustomerFeaturesFn(_OrderedFn):
+class _SortedGroupFn(beam.DoFn):
+  """Batch: (key, all of the key's elements) -> one pass in event-time order.
+
+  Only valid when the group holds every element of the key (bounded input,
+  global window); the result equals the stateful path's, at a fraction of
+  its cost (no per-element state reads and writes, no timers).
+  """
+  def process(self, keyed):
+    state = self.new_state()
+    for element in sorted(keyed[1], key=self.sort_key):
+      yield from self.apply(state, element)
+
+
+class _CustomerLogic:
   """(customer_id, Transaction) -> (terminal_id, (Transaction, customer features))."""
-  def __init__(self, lateness_ms: int, bounded: bool):
-    super().__init__(lateness_ms, bounded)
-    self._filtered = {}
+  _filtered = None
 
   def time_of(self, tx):
     return tx.event_time_ms
@@ -149,9 +158,7 @@ class _CustomerFeaturesFn(_OrderedFn):
   def apply(self, history: CustomerHistory, tx: Transaction):
     repeat = history.is_duplicate(tx.transaction_id, tx.event_time_ms, _fingerprint(tx))
     if repeat == "duplicate":
-      counter = self._filtered.get(repeat) or Metrics.counter(NAMESPACE, "filtered.duplicate")
-      self._filtered[repeat] = counter
-      counter.inc()
+      Metrics.counter(NAMESPACE, "filtered.duplicate").inc()
       yield beam.pvalue.TaggedOutput(FILTERED, (repeat, tx))
       return
     if repeat is not None:
@@ -163,11 +170,9 @@ class _CustomerFeaturesFn(_OrderedFn):
     yield beam.window.TimestampedValue((tx.terminal_id, (tx, features)), tx.event_time_ms / 1000)
 
 
-class _TerminalFeaturesFn(_OrderedFn):
+class _TerminalLogic:
   """(terminal_id, (Transaction, customer features) | Label) -> Featured."""
-  def __init__(self, lateness_ms: int, bounded: bool, delay_days: int):
-    super().__init__(lateness_ms, bounded)
-    self._delay_days = delay_days
+  _delay_days = 7
 
   def time_of(self, element):
     return element.label_time_ms if isinstance(element, Label) else element[0].event_time_ms
@@ -201,6 +206,26 @@ class _TerminalFeaturesFn(_OrderedFn):
     yield beam.window.TimestampedValue(Featured(tx, features), tx.event_time_ms / 1000)
 
 
+class _CustomerFeaturesFn(_CustomerLogic, _OrderedFn):
+  pass
+
+
+class _TerminalFeaturesFn(_TerminalLogic, _OrderedFn):
+  def __init__(self, lateness_ms: int, delay_days: int):
+    super().__init__(lateness_ms)
+    self._delay_days = delay_days
+
+
+class _CustomerBatchFn(_CustomerLogic, _SortedGroupFn):
+  pass
+
+
+class _TerminalBatchFn(_TerminalLogic, _SortedGroupFn):
+  def __init__(self, delay_days: int):
+    super().__init__()
+    self._delay_days = delay_days
+
+
 class ComputeFeatures(beam.PTransform):
   """Enriched Transactions (+ Labels side stream) -> (Featured, filtered duplicates, DeadLetters).
 
@@ -224,28 +249,33 @@ class ComputeFeatures(beam.PTransform):
     self._delay_days = terminal_delay_days
     self._bounded = bounded
 
+  def _stage(self, keyed, name: str, batch_fn, stream_fn, *tags):
+    if self._bounded:
+      keyed = keyed | f"GroupBy{name}" >> beam.GroupByKey()
+      fn = batch_fn
+    else:
+      fn = stream_fn
+    return keyed | name >> beam.ParDo(fn).with_outputs(*tags, main="featured")
+
   def expand(self, transactions):
-    customer = (
+    keyed_txs = (
         transactions
         | "Timestamp" >> beam.Map(lambda tx: beam.window.TimestampedValue(tx, tx.event_time_ms / 1000))
-        | "ByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx))
-        | "Customer" >> beam.ParDo(_CustomerFeaturesFn(self._lateness_ms, self._bounded)).with_input_types(
-            Tuple[int, Transaction]).with_outputs(
-            DEAD, FILTERED, main="featured"))
+        | "ByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx)).with_output_types(Tuple[int, Transaction]))
+    customer = self._stage(keyed_txs, "Customer", _CustomerBatchFn(), _CustomerFeaturesFn(self._lateness_ms),
+                           DEAD, FILTERED)
     labels = self._labels
     if labels is None:
       # Measured: on the FnApiRunner a stateful stage fed only by another
       # stateful stage's timer output never fires its own timers; a
       # source-rooted branch into the Flatten keeps its watermark moving.
       labels = transactions.pipeline | "NoLabels" >> beam.Create([]).with_output_types(Label)
-    keyed_labels = (labels
-                    | "LabelTimestamp" >> beam.Map(lambda lb: beam.window.TimestampedValue(lb, lb.label_time_ms / 1000))
-                    | "LabelByTerminal" >> beam.Map(lambda lb: (lb.terminal_id, lb)))
-    terminal = (
-        (customer.featured, keyed_labels)
-        | "MergeLabels" >> beam.Flatten()
-        | "Terminal" >> beam.ParDo(_TerminalFeaturesFn(self._lateness_ms, self._bounded, self._delay_days))
-        .with_input_types(Tuple[int, Any]).with_outputs(DEAD, main="featured"))
+    keyed_labels = (
+        labels
+        | "LabelTimestamp" >> beam.Map(lambda lb: beam.window.TimestampedValue(lb, lb.label_time_ms / 1000))
+        | "LabelByTerminal" >> beam.Map(lambda lb: (lb.terminal_id, lb)).with_output_types(Tuple[int, Any]))
+    merged = (customer.featured, keyed_labels) | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Any])
+    terminal = self._stage(merged, "Terminal", _TerminalBatchFn(self._delay_days),
+                           _TerminalFeaturesFn(self._lateness_ms, self._delay_days), DEAD)
     dead = (customer[DEAD], terminal[DEAD]) | "DeadLetters" >> beam.Flatten()
-    return FeaturesResult(terminal.featured, customer[FILTERED],
-                          dead)
+    return FeaturesResult(terminal.featured, customer[FILTERED], dead)

@@ -40,8 +40,8 @@ class _WriteColdFn(beam.DoFn):
     self._rows = Metrics.counter(NAMESPACE, "tier.cold")
 
   def process(self, partition_rows):
-    partition, decisions = partition_rows
-    self._rows.inc(parquet.write_partition(self._root, partition, decisions, FEATURE_NAMES))
+    partition, rows = partition_rows
+    self._rows.inc(parquet.write_rows(self._root, partition, rows, FEATURE_NAMES))
     yield partition
 
 
@@ -78,7 +78,8 @@ class WriteColdTier(beam.PTransform):
 
   def expand(self, decisions):
     return (decisions
-            | "ByHour" >> beam.Map(lambda d: (parquet.partition_of(d.transaction.event_time_ms), d))
+            | "ByHour" >> beam.Map(lambda d: (parquet.partition_of(d.transaction.event_time_ms),
+                                              parquet.decision_row(d)))
             | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
             | "Write" >> beam.ParDo(_WriteColdFn(self._root)))
 
