@@ -13,6 +13,7 @@ REQUIRED = [
     "fastavro>=1.9,<2",
     "confluent-kafka>=2.4,<3",
     "redis>=5,<9",
+    "hiredis>=2",  # C reply parser for redis-py
     "psycopg2-binary>=2.9,<3",
     "pyarrow>=14",
     "clickhouse-driver>=0.2.9,<0.3",
@@ -43,6 +44,7 @@ setuptools.setup(
         "txstream.io": ["schemas/*.avsc", "schemas/registry.json"],
         "txstream.config": ["*.yaml"],
         "txstream.models": ["default/*"],
+        "txstream.io.migrations": ["*.sql"],
     },
     install_requires=REQUIRED,
     extras_require=EXTRAS,

@@ -144,8 +144,9 @@ def main(argv=None) -> int:
 def _config_errors():
   from txstream.models.artifacts import ModelError
   from txstream.pipelines.run import ConfigError
+  from txstream.io.sinks import SinkConfigError
   from txstream.transforms.rules import RulesError
-  return (ConfigError, ModelError, RulesError)
+  return (ConfigError, ModelError, RulesError, SinkConfigError)
 
 
 def _run(argv) -> int:

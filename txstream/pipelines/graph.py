@@ -30,6 +30,7 @@ class GraphOutputs(NamedTuple):
   filtered: beam.PCollection
   tier_writes: dict
   model_version: str
+  reference_version: Optional[str] = None
 
 
 class Sources(NamedTuple):
@@ -46,6 +47,7 @@ class FeatureOutputs(NamedTuple):
   filtered: beam.PCollection
   dead_letters: beam.PCollection
   label_dead_letters: beam.PCollection
+  reference_version: Optional[str] = None
 
 
 def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> FeatureOutputs:
@@ -82,24 +84,35 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
           ) | "AllDeadLetters" >> beam.Flatten()
   label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetter)]
                 ) | "AllLabelDeadLetters" >> beam.Flatten()
-  return FeatureOutputs(features.featured, features.filtered, dead, label_dead)
+  return FeatureOutputs(features.featured, features.filtered, dead, label_dead, version)
 
 
-def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> GraphOutputs:
+def build_tiers(options) -> WriteTiers:
+  """The WriteTiers transform the options ask for (so callers can preflight it before reading)."""
+  tiers = options.view_as(TierOptions)
+  return WriteTiers(TierConfig(None if tiers.no_cold else tiers.cold_path, tiers.dead_letter_path,
+                               tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url))
+
+
+def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
+                write_tiers: Optional[WriteTiers] = None) -> GraphOutputs:
   """The whole graph; returns decisions, dead letters, filtered records and tier write results."""
   score_opts = options.view_as(ScoreOptions)
   tiers = options.view_as(TierOptions)
   # Constructing Score first checks the model and rules before anything is read.
   score = Score(score_opts.model_dir, score_opts.rules, score_opts.inference_batch_size)
+  write_tiers = write_tiers or build_tiers(options)
   features = build_features(pipeline, options, sources)
   decisions = features.featured | "Score" >> score
-  config = TierConfig(None if tiers.no_cold else tiers.cold_path, tiers.dead_letter_path,
-                      tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url)
-  writes = decisions | "WriteTiers" >> WriteTiers(config)
+  writes = decisions | "WriteTiers" >> write_tiers
+  written = dict(writes.written)
+  all_dead = ((features.dead_letters, features.label_dead_letters, writes.dead_letters)
+              | "DeadAndLabelDead" >> beam.Flatten())
   if tiers.dead_letter_path:
-    writes["dead_letters"] = (
-        (features.dead_letters, features.label_dead_letters)
-        | "DeadAndLabelDead" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path))
-  return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, writes,
-                      score.model_version)
+    written["dead_letters"] = all_dead | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path)
+  if tiers.postgres_dsn:
+    from txstream.io.postgres_sink import WriteDeadLettersToPostgres
+    written["warm_dead_letters"] = (
+        all_dead | "WriteDeadLettersToPostgres" >> WriteDeadLettersToPostgres(tiers.postgres_dsn)).written
+  return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, written,
+                      score.model_version, features.reference_version)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from typing import Optional
 
@@ -16,8 +17,9 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from txstream.config.options import RunOptions, SourceOptions
-from txstream.pipelines.graph import build_graph
+from txstream.config.options import RunOptions, SourceOptions, TierOptions
+from txstream.io.schema_registry import registered_schema_ids
+from txstream.pipelines.graph import build_graph, build_tiers
 from txstream.runners.profiles import runner_for
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,16 +71,48 @@ def check_config(options) -> None:
       raise ConfigError(f"--input {src.input}: missing {sub}/ (not written by `txstream generate`?)")
 
 
+def preflight_tiers(options):
+  """Builds WriteTiers and checks every server tier before any data is read."""
+  from txstream.io.sinks import SinkConfigError
+  write_tiers = build_tiers(options)
+  try:
+    write_tiers.preflight()
+  except SinkConfigError as e:
+    raise ConfigError(str(e)) from e
+  return write_tiers
+
+
+def _record_run(options, record: dict) -> None:
+  dsn = options.view_as(TierOptions).postgres_dsn
+  if dsn:
+    from txstream.io.postgres_sink import record_run
+    record_run(dsn, record)
+
+
 def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
-  """Runs the bounded graph to completion and returns the summary."""
+  """Runs the bounded graph to completion and returns the summary.
+
+  With a warm tier the run is recorded in PostgreSQL's ``runs`` table: code,
+  model, reference-data and schema versions at the start, the summary at the
+  end (what a compliance rerun needs to show what produced its output).
+  """
   options = options or PipelineOptions(argv)
   check_config(options)
+  write_tiers = preflight_tiers(options)
+  run_id = str(uuid.uuid4())
   start = time.monotonic()
-  with beam.Pipeline(runner=runner_for(options), options=options) as pipeline:
-    outputs = build_graph(pipeline, options)
-  result = pipeline.result if hasattr(pipeline, "result") else None
+  started_at = int(time.time() * 1000)
+  pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+  outputs = build_graph(pipeline, options, write_tiers=write_tiers)
+  _record_run(options, {"run_id": run_id, "started_at": started_at, "model_version": outputs.model_version,
+                        "reference_version": outputs.reference_version, "schema_ids": registered_schema_ids()})
+  result = pipeline.run()
+  result.wait_until_finish()
   wall = time.monotonic() - start
   summary = summarize(counters(result), wall, outputs.model_version)
+  summary["run_id"] = run_id
+  summary["reference_version"] = outputs.reference_version
+  _record_run(options, {"run_id": run_id, "finished_at": int(time.time() * 1000), "summary": summary})
   path = options.view_as(RunOptions).summary_json
   if path:
     with open(path, "w", encoding="utf-8") as f:

@@ -13,6 +13,7 @@ by more than nothing (it would have changed features already emitted) is a
 dead letter with reason ``late``. ``allowed_lateness_s`` delays processing by
 that much so reasonably out-of-order streams lose nothing.
 """
+import itertools
 import logging
 import zlib
 from typing import Any, NamedTuple, Tuple
@@ -39,7 +40,8 @@ FEATURE_NAMES = (
     + [f"TERMINAL_ID_{kind}_{n}DAY_WINDOW" for n in WINDOWS_DAYS for kind in ("NB_TX", "RISK")]
     + ["HOME_DISTANCE"])
 
-_TX, _LABEL = 1, 0  # at equal times a label is known before the transaction is decided
+_TX, _LABEL = 1, 0
+BATCH_SHARDS = 32  # bounded runs group keys into this many shards before the shuffle  # at equal times a label is known before the transaction is decided
 
 
 class FeaturesResult(NamedTuple):
@@ -123,17 +125,38 @@ class _OrderedFn(beam.DoFn):
       next_fire.clear()
 
 
-class _SortedGroupFn(beam.DoFn):
-  """Batch: (key, all of the key's elements) -> one pass in event-time order.
+class _ShardFn(beam.DoFn):
+  """Batch: (shard, lists of elements) -> one pass per key in event-time order.
 
-  Only valid when the group holds every element of the key (bounded input,
-  global window); the result equals the stateful path's, at a fraction of
-  its cost (no per-element state reads and writes, no timers).
+  Only valid when the shard holds every element of its keys (bounded input,
+  global window): the result equals the stateful path's, at a fraction of its
+  cost. Elements cross the shuffle as a few lists per bundle and shard
+  instead of one by one, and no per-element state or timer is involved.
   """
-  def process(self, keyed):
-    state = self.new_state()
-    for element in sorted(keyed[1], key=self.sort_key):
-      yield from self.apply(state, element)
+  def process(self, shard_lists):
+    by_key = {}
+    for element in self.elements(shard_lists[1]):
+      by_key.setdefault(self.key_of(element), []).append(element)
+    outputs = {}
+    for key in sorted(by_key):
+      state = self.new_state()
+      for element in sorted(by_key[key], key=self.sort_key):
+        for out in self.apply(state, element):
+          if isinstance(out, beam.pvalue.TaggedOutput):
+            yield out
+          else:
+            yield from self.collect(outputs, out)
+    yield from self.flush(outputs)
+
+  @staticmethod
+  def elements(lists):
+    return itertools.chain.from_iterable(lists)
+
+  def collect(self, outputs, out):
+    yield out
+
+  def flush(self, outputs):
+    return ()
 
 
 class _CustomerLogic:
@@ -166,8 +189,7 @@ class _CustomerLogic:
       yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
           tx.source, None, STAGE, repeat, message=f"transaction_id {tx.transaction_id} reused with other content"))
       return
-    features = history.add(tx.event_time_ms, tx.amount_minor)
-    yield beam.window.TimestampedValue((tx.terminal_id, (tx, features)), tx.event_time_ms / 1000)
+    yield tx.terminal_id, (tx, history.add(tx.event_time_ms, tx.amount_minor))
 
 
 class _TerminalLogic:
@@ -207,7 +229,10 @@ class _TerminalLogic:
 
 
 class _CustomerFeaturesFn(_CustomerLogic, _OrderedFn):
-  pass
+  def apply(self, history, tx):
+    for out in super().apply(history, tx):
+      yield out if isinstance(out, beam.pvalue.TaggedOutput) else beam.window.TimestampedValue(
+          out, tx.event_time_ms / 1000)
 
 
 class _TerminalFeaturesFn(_TerminalLogic, _OrderedFn):
@@ -216,14 +241,37 @@ class _TerminalFeaturesFn(_TerminalLogic, _OrderedFn):
     self._delay_days = delay_days
 
 
-class _CustomerBatchFn(_CustomerLogic, _SortedGroupFn):
-  pass
+class _CustomerBatchFn(_CustomerLogic, _ShardFn):
+  """Customer shard -> lists of (terminal_id, (tx, features)) per terminal shard."""
+  def __init__(self, shards: int):
+    super().__init__()
+    self._shards = shards
+
+  @staticmethod
+  def elements(txs):
+    return txs
+
+  @staticmethod
+  def key_of(tx):
+    return tx.customer_id
+
+  def collect(self, outputs, out):
+    terminal_id, tx_features = out
+    outputs.setdefault(terminal_id % self._shards, []).append(tx_features)
+    return ()
+
+  def flush(self, outputs):
+    return sorted(outputs.items())
 
 
-class _TerminalBatchFn(_TerminalLogic, _SortedGroupFn):
+class _TerminalBatchFn(_TerminalLogic, _ShardFn):
   def __init__(self, delay_days: int):
     super().__init__()
     self._delay_days = delay_days
+
+  @staticmethod
+  def key_of(element):
+    return element.terminal_id if isinstance(element, Label) else element[0].terminal_id
 
 
 class ComputeFeatures(beam.PTransform):
@@ -248,34 +296,46 @@ class ComputeFeatures(beam.PTransform):
     self._lateness_ms = allowed_lateness_s * 1000
     self._delay_days = terminal_delay_days
     self._bounded = bounded
-
-  def _stage(self, keyed, name: str, batch_fn, stream_fn, *tags):
-    if self._bounded:
-      keyed = keyed | f"GroupBy{name}" >> beam.GroupByKey()
-      fn = batch_fn
-    else:
-      fn = stream_fn
-    return keyed | name >> beam.ParDo(fn).with_outputs(*tags, main="featured")
+    self._shards = BATCH_SHARDS
 
   def expand(self, transactions):
-    keyed_txs = (
-        transactions
-        | "Timestamp" >> beam.Map(lambda tx: beam.window.TimestampedValue(tx, tx.event_time_ms / 1000))
-        | "ByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx)).with_output_types(Tuple[int, Transaction]))
-    customer = self._stage(keyed_txs, "Customer", _CustomerBatchFn(), _CustomerFeaturesFn(self._lateness_ms),
-                           DEAD, FILTERED)
     labels = self._labels
     if labels is None:
       # Measured: on the FnApiRunner a stateful stage fed only by another
       # stateful stage's timer output never fires its own timers; a
       # source-rooted branch into the Flatten keeps its watermark moving.
       labels = transactions.pipeline | "NoLabels" >> beam.Create([]).with_output_types(Label)
+    if self._bounded:
+      return self._expand_bounded(transactions, labels)
+    keyed_txs = (
+        transactions
+        | "Timestamp" >> beam.Map(lambda tx: beam.window.TimestampedValue(tx, tx.event_time_ms / 1000))
+        | "ByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx)).with_output_types(Tuple[int, Transaction]))
+    customer = keyed_txs | "Customer" >> beam.ParDo(_CustomerFeaturesFn(self._lateness_ms)).with_outputs(
+        DEAD, FILTERED, main="featured")
     keyed_labels = (
         labels
         | "LabelTimestamp" >> beam.Map(lambda lb: beam.window.TimestampedValue(lb, lb.label_time_ms / 1000))
         | "LabelByTerminal" >> beam.Map(lambda lb: (lb.terminal_id, lb)).with_output_types(Tuple[int, Any]))
-    merged = (customer.featured, keyed_labels) | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Any])
-    terminal = self._stage(merged, "Terminal", _TerminalBatchFn(self._delay_days),
-                           _TerminalFeaturesFn(self._lateness_ms, self._delay_days), DEAD)
+    terminal = (
+        (customer.featured, keyed_labels)
+        | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Any])
+        | "Terminal" >> beam.ParDo(_TerminalFeaturesFn(self._lateness_ms, self._delay_days)).with_outputs(
+            DEAD, main="featured"))
+    dead = (customer[DEAD], terminal[DEAD]) | "DeadLetters" >> beam.Flatten()
+    return FeaturesResult(terminal.featured, customer[FILTERED], dead)
+
+  def _expand_bounded(self, transactions, labels):
+    shards = self._shards
+    customer = (
+        transactions
+        | "ByCustomerShard" >> beam.Map(lambda tx: (tx.customer_id % shards, tx))
+        | "CollectCustomers" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+        | "Customer" >> beam.ParDo(_CustomerBatchFn(shards)).with_outputs(DEAD, FILTERED, main="featured"))
+    terminal = (
+        (customer.featured, labels | "LabelByTerminalShard" >> beam.Map(lambda lb: (lb.terminal_id % shards, [lb])))
+        | "MergeLabels" >> beam.Flatten()
+        | "CollectTerminals" >> beam.GroupByKey()
+        | "Terminal" >> beam.ParDo(_TerminalBatchFn(self._delay_days)).with_outputs(DEAD, main="featured"))
     dead = (customer[DEAD], terminal[DEAD]) | "DeadLetters" >> beam.Flatten()
     return FeaturesResult(terminal.featured, customer[FILTERED], dead)

@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from txstream.io import parquet
+from txstream.io.sinks import SinkResult
 from txstream.records import DeadLetter, Decision
 from txstream.transforms.features import FEATURE_NAMES
 
@@ -99,8 +100,20 @@ class WriteDeadLetters(beam.PTransform):
             | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root)))
 
 
+class TierWrites(NamedTuple):
+  """What ``WriteTiers`` returns: per tier, what it wrote; and records a store rejected."""
+  written: dict
+  dead_letters: beam.PCollection
+
+
 class WriteTiers(beam.PTransform):
-  """Decisions -> every configured tier. Returns a dict of tier name -> write results."""
+  """Decisions -> every configured tier.
+
+  The cold tier is on when ``cold_path`` is set; Redis, PostgreSQL and
+  ClickHouse when their URL or DSN is. ``preflight()`` checks every server
+  tier (connects once, applies migrations and DDL) and raises
+  ``SinkConfigError`` with one line; call it before reading any data.
+  """
   def __init__(self, config: TierConfig):
     super().__init__()
     self._config = config
@@ -117,5 +130,24 @@ class WriteTiers(beam.PTransform):
       from txstream.io.clickhouse_sink import WriteToClickHouse
       self._sinks["analytics"] = WriteToClickHouse(config.clickhouse_url)
 
+  @property
+  def tiers(self):
+    return sorted(self._sinks)
+
+  def preflight(self) -> None:
+    for sink in self._sinks.values():
+      if hasattr(sink, "preflight"):
+        sink.preflight()
+
   def expand(self, decisions):
-    return {name: decisions | f"Write_{name}" >> sink for name, sink in self._sinks.items()}
+    written, rejected = {}, []
+    for name, sink in self._sinks.items():
+      result = decisions | f"Write_{name}" >> sink
+      if isinstance(result, SinkResult):
+        written[name] = result.written
+        rejected.append(result.dead_letters)
+      else:
+        written[name] = result
+    if not rejected:
+      rejected = [decisions.pipeline | "NoRejected" >> beam.Create([]).with_output_types(DeadLetter)]
+    return TierWrites(written, rejected | "Rejected" >> beam.Flatten())

@@ -1,0 +1,150 @@
+"""WriteToClickHouse against the real ClickHouse (``services.require("clickhouse")``), database txstream_test."""
+import datetime
+from collections import Counter, defaultdict
+
+import pytest
+from clickhouse_driver import Client
+
+from tests.integration import sink_fixtures as fx
+from tests.tcp_proxy import TcpProxy
+from txstream.io import clickhouse_sink as ch
+from txstream.io.clickhouse_sink import WriteToClickHouse
+from txstream.io.sinks import SinkConfigError
+from txstream.transforms.features import FEATURE_NAMES
+
+DB = "txstream_test"
+
+
+@pytest.fixture(scope="module")
+def endpoint(services):
+  return services.require("clickhouse")
+
+
+@pytest.fixture
+def url(endpoint):
+  return f"clickhouse://{endpoint.host}:{endpoint.port}/{DB}"
+
+
+@pytest.fixture
+def client(endpoint):
+  """A client of the server, with txstream_test dropped first (the sink must create it)."""
+  c = Client(endpoint.host, port=endpoint.port, database="default")
+  c.execute(f"DROP DATABASE IF EXISTS {DB}")
+  yield c
+  c.disconnect()
+
+
+def final_count(client) -> int:
+  return client.execute(f"SELECT count() FROM {DB}.decisions FINAL")[0][0]
+
+
+def test_creates_database_and_writes_columns(client, url):
+  decisions = fx.make_decisions(50)
+  counts = fx.run_write(WriteToClickHouse(url, batch_size=16), decisions, expect_written=50)
+  assert counts["tier.analytics"] == 50
+  assert final_count(client) == 50
+  d = decisions[9]
+  t = d.transaction
+  columns = ["transaction_id", "event_time_ms", "toString(event_date)", "toUInt32(event_time)", "customer_id",
+             "terminal_id", "card_token", "amount_minor", "currency", "entry_mode", "merchant_category", "score",
+             "decision", "reason_codes", "model_version", "reference_version", "source", "decided_at_ms"]
+  row = client.execute(f"SELECT {', '.join(columns)} FROM {DB}.decisions FINAL WHERE transaction_id = %(id)s",
+                       {"id": t.transaction_id})
+  day = datetime.datetime.fromtimestamp(t.event_time_ms / 1000, tz=datetime.timezone.utc).date().isoformat()
+  assert row == [(t.transaction_id, t.event_time_ms, day, t.event_time_ms // 1000, t.customer_id, t.terminal_id,
+                  t.card_token, t.amount_minor, t.currency, t.entry_mode, t.merchant_category, d.score, d.decision,
+                  list(d.reason_codes), "model-1", t.reference_version, t.source, d.decided_at_ms)]
+  features = client.execute(f"SELECT {', '.join(n.lower() for n in FEATURE_NAMES)} FROM {DB}.decisions "
+                            "WHERE transaction_id = 'tx-00009'")[0]
+  assert list(features) == list(d.features)
+  partitions = client.execute(f"SELECT DISTINCT partition FROM system.parts WHERE database = '{DB}' "
+                              "AND table = 'decisions' AND active")
+  assert partitions == [("201804",)]
+
+
+def test_rewrites_collapse_to_one_row_per_transaction(client, url):
+  decisions = fx.make_decisions(50)
+  fx.run_write(WriteToClickHouse(url, batch_size=7), decisions, expect_written=50)
+  fx.run_write(WriteToClickHouse(url), list(reversed(decisions)), expect_written=50)
+  assert final_count(client) == 50
+  assert ch.count_distinct_transactions(client, database=DB) == 50
+
+  # A later decision for the same transactions (higher decided_at_ms) replaces the earlier one.
+  later = [d._replace(score=0.999, decided_at_ms=d.decided_at_ms + 1) for d in decisions[:10]]
+  fx.run_write(WriteToClickHouse(url), later, expect_written=10)
+  assert final_count(client) == 50
+  assert client.execute(f"SELECT countIf(score = 0.999) FROM {DB}.decisions FINAL")[0][0] == 10
+  client.execute(f"OPTIMIZE TABLE {DB}.decisions FINAL")
+  assert client.execute(f"SELECT count() FROM {DB}.decisions")[0][0] == 50
+
+
+def test_dashboard_queries(client, url):
+  decisions = fx.make_decisions(60, customers=6, days=2)
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=60)
+
+  hours = defaultdict(Counter)
+  for d in decisions:
+    hour = d.transaction.event_time_ms // 3_600_000 * 3_600_000
+    hours[hour]["transactions"] += 1
+    hours[hour]["flagged"] += d.decision != "approve"
+    hours[hour]["declined"] += d.decision == "decline"
+  got = ch.fraud_rate_per_hour(client, database=DB)
+  assert [(r["hour_ms"], r["transactions"], r["flagged"], r["declined"]) for r in got] == [
+      (h, c["transactions"], c["flagged"], c["declined"]) for h, c in sorted(hours.items())]
+  assert all(r["flagged_rate"] == pytest.approx(r["flagged"] / r["transactions"]) for r in got)
+  assert len(ch.fraud_rate_per_hour(client, since_ms=fx.T0 + fx.DAY_MS, database=DB)) == 1
+
+  flagged = Counter()
+  for d in decisions:
+    if d.decision != "approve":
+      flagged[(d.transaction.terminal_id, d.transaction.currency)] += d.transaction.amount_minor
+  expected = sorted(flagged.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+  got = ch.top_terminals_by_flagged_amount(client, limit=3, database=DB)
+  assert [((r["terminal_id"], r["currency"]), r["flagged_amount_minor"]) for r in got] == expected
+
+  since, until = fx.T0, fx.T0 + fx.DAY_MS
+  window = [d for d in decisions if since <= d.transaction.event_time_ms < until]
+  per_customer = Counter(d.transaction.customer_id for d in window)
+  got = ch.customer_velocity(client, since, until, limit=3, database=DB)
+  assert [(r["customer_id"], r["transactions"]) for r in got] == sorted(
+      per_customer.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+  assert got[0]["tx_per_hour"] == pytest.approx(got[0]["transactions"] / 24)
+  one = ch.customer_velocity(client, since, until, customer_id=4, database=DB)
+  assert [(r["customer_id"], r["transactions"]) for r in one] == [(4, per_customer[4])]
+
+
+def test_undecidable_rows_become_dead_letters(client, url):
+  decisions = fx.make_decisions(10)
+  decisions[4] = decisions[4]._replace(decision="maybe")
+  counts = fx.run_write(WriteToClickHouse(url), decisions, expect_written=9, expect_dead=["transaction_id=tx-00004"])
+  assert counts["sink.analytics.rejected"] == 1
+  assert final_count(client) == 9
+
+
+def test_preflight(client, url):
+  with pytest.raises(SinkConfigError) as info:
+    WriteToClickHouse(f"clickhouse://127.0.0.1:{fx.free_port()}/{DB}").preflight()
+  assert "\n" not in str(info.value) and str(info.value).startswith("cannot connect to ClickHouse at 127.0.0.1:")
+  with pytest.raises(SinkConfigError, match="scheme"):
+    WriteToClickHouse(f"http://127.0.0.1:8123/{DB}")
+  with pytest.raises(SinkConfigError, match="plain identifier"):
+    WriteToClickHouse("clickhouse://127.0.0.1:9000/bad-name")
+  # A missing database is created, with the table.
+  WriteToClickHouse(url).preflight()
+  assert client.execute(f"EXISTS TABLE {DB}.decisions") == [(1,)]
+  WriteToClickHouse(url).preflight()
+
+
+def test_outage_mid_write_loses_and_duplicates_nothing(client, endpoint):
+  decisions = fx.make_decisions(300, customers=30)
+  with TcpProxy(endpoint.host, endpoint.port) as proxy:
+    proxy.interrupt_after_bytes(40_000, outage_s=3.0)
+    sink = WriteToClickHouse(f"clickhouse://{proxy.url_host_port}/{DB}", batch_size=20, retry=fx.FAST_RETRY)
+    counts = fx.run_write(sink, decisions, expect_written=300)
+    assert proxy.interruptions == 1
+  assert counts["tier.analytics"] == 300 and counts["sink.analytics.retried"] >= 1
+  assert counts.get("sink.analytics.failed", 0) == 0
+  assert final_count(client) == 300
+  assert ch.count_distinct_transactions(client, database=DB) == 300
+  assert client.execute(f"SELECT sum(amount_minor) FROM {DB}.decisions FINAL")[0][0] == sum(
+      d.transaction.amount_minor for d in decisions)

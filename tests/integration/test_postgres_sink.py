@@ -1,0 +1,217 @@
+"""WriteToPostgres and friends against the real PostgreSQL (services.require("postgres")), db txstream_test."""
+import datetime
+
+import psycopg2
+import pytest
+
+from tests.integration import sink_fixtures as fx
+from tests.tcp_proxy import TcpProxy
+from txstream.io import migrations
+from txstream.io import postgres_sink as pg
+from txstream.io.postgres_sink import WriteDeadLettersToPostgres, WriteToPostgres
+from txstream.io.sinks import SinkConfigError
+from txstream.records import DeadLetter
+
+DB = "txstream_test"
+
+
+@pytest.fixture(scope="module")
+def endpoint(services):
+  return services.require("postgres")
+
+
+@pytest.fixture(scope="module")
+def database(endpoint):
+  """A fresh txstream_test database; returns its DSN."""
+  admin = psycopg2.connect(host=endpoint.host, port=endpoint.port, user="postgres", dbname="postgres",
+                           connect_timeout=5)
+  admin.autocommit = True
+  with admin.cursor() as cur:
+    cur.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    cur.execute(f"CREATE DATABASE {DB}")
+  yield f"host={endpoint.host} port={endpoint.port} user=postgres dbname={DB}"
+  admin.close()
+
+
+@pytest.fixture
+def dsn(database):
+  return database
+
+
+@pytest.fixture
+def conn(database):
+  pg.preflight(database)
+  c = psycopg2.connect(database)
+  with c, c.cursor() as cur:
+    cur.execute("TRUNCATE decisions, decision_keys, dead_letters, runs")
+  yield c
+  c.close()
+
+
+def scalar(conn, sql, params=()):
+  with conn, conn.cursor() as cur:
+    cur.execute(sql, params)
+    return cur.fetchone()[0]
+
+
+def test_writes_decisions_into_day_partitions(conn, dsn):
+  decisions = fx.make_decisions(50)
+  decisions[13] = decisions[13]._replace(reason_codes=['QUOTE"D', "BACK\\SLASH", "A,B", "{BRACE}"])
+  counts = fx.run_write(WriteToPostgres(dsn, batch_size=16), decisions, expect_written=50)
+  assert counts["tier.warm"] == 50
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 50
+  assert scalar(conn, "SELECT count(*) FROM decision_keys") == 50
+  assert scalar(conn, "SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_inherits i "
+                      "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'decisions'::regclass") == [
+                          "decisions_p20180401", "decisions_p20180402", "decisions_p20180403"]
+
+  for d in (decisions[0], decisions[9], decisions[13]):
+    t = d.transaction
+    row = pg.decision_by_id(conn, t.transaction_id)
+    assert row["event_date"] == datetime.date(1970, 1, 1) + datetime.timedelta(days=t.event_time_ms // fx.DAY_MS)
+    assert (row["event_time_ms"], row["decided_at_ms"]) == (t.event_time_ms, d.decided_at_ms)
+    assert (row["customer_id"], row["terminal_id"], row["amount_minor"], row["currency"]) == (
+        t.customer_id, t.terminal_id, t.amount_minor, t.currency)
+    assert (row["entry_mode"], row["merchant_category"], row["reference_version"]) == (
+        t.entry_mode, t.merchant_category, t.reference_version)
+    assert (row["score"], row["decision"], row["reason_codes"], row["features"]) == (
+        d.score, d.decision, list(d.reason_codes), list(d.features))
+    assert (row["source"], row["card_token"], row["model_version"]) == (t.source, t.card_token, "model-1")
+  assert "\t" in pg.decision_by_id(conn, "tx-00009")["source"]
+  assert pg.decision_by_id(conn, "nope") is None
+
+
+def test_rewrite_is_idempotent_and_upserts(conn, dsn):
+  decisions = fx.make_decisions(50)
+  fx.run_write(WriteToPostgres(dsn, batch_size=7), decisions, expect_written=50)
+  before = pg.decision_by_id(conn, "tx-00011")
+  fx.run_write(WriteToPostgres(dsn, batch_size=50), list(reversed(decisions)), expect_written=50)
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 50
+  assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 50
+  assert pg.decision_by_id(conn, "tx-00011") == before
+
+  # A rerun that decides differently replaces the stored decision instead of adding one.
+  fx.run_write(WriteToPostgres(dsn), fx.make_decisions(50, score_offset=0.001), expect_written=50)
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 50
+  assert pg.decision_by_id(conn, "tx-00011")["score"] == pytest.approx(before["score"] + 0.001)
+
+
+def test_transaction_id_unique_across_days(conn, dsn):
+  first = fx.make_decisions(10)
+  fx.run_write(WriteToPostgres(dsn), first, expect_written=10)
+  moved = first[3]._replace(transaction=first[3].transaction._replace(
+      event_time_ms=first[3].transaction.event_time_ms + 5 * fx.DAY_MS))
+  counts = fx.run_write(WriteToPostgres(dsn), [moved] + first[4:6], expect_written=2,
+                        expect_dead=["transaction_id=tx-00003"])
+  assert counts["sink.warm.rejected"] == 1
+  assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 1
+  assert pg.decision_by_id(conn, "tx-00003")["event_time_ms"] == first[3].transaction.event_time_ms
+  # The database itself refuses the same transaction under a second day.
+  with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+    with conn, conn.cursor() as cur:
+      cur.execute("CREATE TEMP TABLE moved AS SELECT * FROM decisions WHERE transaction_id = 'tx-00004'")
+      cur.execute("UPDATE moved SET event_date = event_date + 1, event_time = event_time + INTERVAL '1 day'")
+      cur.execute("INSERT INTO decisions SELECT * FROM moved")
+
+
+def test_bad_records_become_dead_letters_and_the_rest_is_written(conn, dsn):
+  decisions = fx.make_decisions(20)
+  decisions[5] = decisions[5]._replace(decision="maybe")  # the table's CHECK refuses it
+  decisions[12] = decisions[12]._replace(
+      transaction=decisions[12].transaction._replace(merchant_category=2 ** 40))  # integer out of range
+  counts = fx.run_write(WriteToPostgres(dsn, batch_size=8), decisions, expect_written=18,
+                        expect_dead=["transaction_id=tx-00005", "transaction_id=tx-00012"])
+  assert counts["tier.warm"] == 18 and counts["sink.warm.rejected"] == 2
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 18
+
+
+def test_dead_letters_upsert_on_source_and_stage(conn, dsn):
+  letters = [DeadLetter(f"topic/0@{i}", bytes([0, 1, 2, i]) if i % 2 else None, "decode", "bad_magic_byte",
+                        "ValueError", f"line one\nline\ttwo \\ \x00 {i}", "0.1.0") for i in range(30)]
+  sink = WriteDeadLettersToPostgres(dsn, batch_size=8)
+  assert fx.run_write(sink, letters, expect_written=30)["tier.warm_dead_letters"] == 30
+  # Repeats within a batch and across runs: every input counts as written, each key is stored once.
+  fx.run_write(WriteDeadLettersToPostgres(dsn), letters + letters[:5], expect_written=35)
+  assert scalar(conn, "SELECT count(*) FROM dead_letters") == 30
+  with conn, conn.cursor() as cur:
+    cur.execute("SELECT raw, message FROM dead_letters WHERE source = 'topic/0@3'")
+    raw, message = cur.fetchone()
+  assert bytes(raw) == bytes([0, 1, 2, 3]) and message == "line one\nline\ttwo \\ \ufffd 3"
+  assert scalar(conn, "SELECT raw IS NULL FROM dead_letters WHERE source = 'topic/0@4'")
+  assert pg.dead_letter_counts(conn) == [{"stage": "decode", "reason": "bad_magic_byte", "rows": 30}]
+
+
+def test_operational_queries(conn, dsn):
+  decisions = fx.make_decisions(50)
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=50)
+  since = fx.T0 + fx.DAY_MS
+  mine = sorted((d for d in decisions if d.transaction.customer_id == 1 and d.transaction.event_time_ms >= since),
+                key=lambda d: -d.transaction.event_time_ms)
+  got = pg.decisions_for_customer(conn, 1, since)
+  assert [r["transaction_id"] for r in got] == [d.transaction.transaction_id for d in mine]
+  bounded = pg.decisions_for_customer(conn, 1, since, until_ms=since + fx.DAY_MS, limit=2)
+  assert [r["transaction_id"] for r in bounded] == [d.transaction.transaction_id for d in mine
+                                                    if d.transaction.event_time_ms < since + fx.DAY_MS][:2]
+
+  reviews = sorted((d for d in decisions if d.decision == "review"),
+                   key=lambda d: (-d.score, d.transaction.event_time_ms))
+  assert [r["transaction_id"] for r in pg.review_queue(conn, limit=5)] == [
+      d.transaction.transaction_id for d in reviews[:5]]
+
+  expected = {}
+  for d in decisions:
+    day = datetime.date(1970, 1, 1) + datetime.timedelta(days=d.transaction.event_time_ms // fx.DAY_MS)
+    expected[(day, d.decision)] = expected.get((day, d.decision), 0) + 1
+  assert {(r["event_date"], r["decision"]): r["rows"] for r in pg.daily_counts(conn)} == expected
+
+
+def test_record_run(conn, dsn):
+  pg.record_run(dsn, {"run_id": "run-1", "started_at": fx.T0, "code_version": "abc123", "model_version": "model-1",
+                      "reference_version": "ref-1", "schema_ids": [1, 2]})
+  pg.record_run(dsn, {"run_id": "run-1", "finished_at": "2018-04-01T00:05:00+00:00",
+                      "summary": {"events_in": 50, "scored": 50}})
+  with conn, conn.cursor() as cur:
+    cur.execute("SELECT started_at, finished_at, pipeline_version, code_version, model_version, schema_ids, "
+                "summary FROM runs")
+    rows = cur.fetchall()
+  utc = datetime.timezone.utc
+  assert rows == [(datetime.datetime(2018, 4, 1, tzinfo=utc), datetime.datetime(2018, 4, 1, 0, 5, tzinfo=utc),
+                   "0.1.0", "abc123", "model-1", [1, 2], {"events_in": 50, "scored": 50})]
+  with pytest.raises(ValueError):
+    pg.record_run(dsn, {"run_id": "run-2", "colour": "blue"})
+
+
+def test_migrations_are_recorded_once(conn, dsn):
+  assert migrations.apply(conn) == []
+  assert pg.preflight(dsn) == []
+  assert scalar(conn, "SELECT array_agg(version) FROM schema_migrations") == ["0001"]
+
+
+def test_preflight_errors_are_one_line(endpoint):
+  with pytest.raises(SinkConfigError) as info:
+    WriteToPostgres(f"host=127.0.0.1 port={fx.free_port()} user=postgres dbname={DB}").preflight()
+  assert "\n" not in str(info.value) and str(info.value).startswith("cannot connect to PostgreSQL at 127.0.0.1:")
+
+  with pytest.raises(SinkConfigError) as info:
+    WriteToPostgres(f"postgresql://postgres@{endpoint.host}:{endpoint.port}/txstream_no_such_db").preflight()
+  assert "\n" not in str(info.value)
+  assert 'database "txstream_no_such_db" does not exist' in str(info.value)
+  assert "createdb" in str(info.value) and str(info.value).endswith(" txstream_no_such_db)")
+
+  with pytest.raises(SinkConfigError, match="is invalid"):
+    WriteToPostgres("host=127.0.0.1 this is not a dsn")
+
+
+def test_outage_mid_write_loses_and_duplicates_nothing(conn, endpoint):
+  decisions = fx.make_decisions(300, customers=30, days=4)
+  with TcpProxy(endpoint.host, endpoint.port) as proxy:
+    proxy.interrupt_after_bytes(30_000, outage_s=3.0)
+    sink = WriteToPostgres(f"host=127.0.0.1 port={proxy.port} user=postgres dbname={DB}", batch_size=20,
+                           retry=fx.FAST_RETRY)
+    counts = fx.run_write(sink, decisions, expect_written=300)
+    assert proxy.interruptions == 1
+  assert counts["tier.warm"] == 300 and counts["sink.warm.retried"] >= 1
+  assert counts.get("sink.warm.failed", 0) == 0
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 300
+  assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 300
+  assert scalar(conn, "SELECT sum(amount_minor) FROM decisions") == sum(d.transaction.amount_minor for d in decisions)

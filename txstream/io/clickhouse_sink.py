@@ -1,0 +1,325 @@
+"""Analytics tier: decisions in ClickHouse for dashboards, over the native protocol.
+
+Table ``<database>.decisions`` (created with the database if missing):
+``ENGINE = ReplacingMergeTree(decided_at_ms) PARTITION BY toYYYYMM(event_date)
+ORDER BY transaction_id``. A decision written twice (retry, restart, rerun)
+is two rows until a background merge keeps the one with the highest
+``decided_at_ms``; every query here reads through ``FINAL`` so it sees one row
+per ``transaction_id`` at any time. ``event_time`` and ``event_date`` are
+computed by the server from ``event_time_ms`` (UTC). Features are one
+``Float64`` column each, named as in the cold tier (``FEATURE_NAMES``
+lowercased; ``home_distance`` is the HOME_DISTANCE feature).
+
+The DDL sticks to what ClickHouse 18.16 (Debian's package) already had, and
+works unchanged on current releases: no ``LowCardinality``, no ``DateTime64``,
+no ``IF NOT EXISTS`` on columns.
+
+Batches are columnar inserts of up to ``batch_size`` rows; ClickHouse makes
+one part per insert, so bigger batches mean fewer merges.
+
+Dashboard queries (each takes a ``clickhouse_driver.Client``; times are epoch ms, UTC):
+  ``fraud_rate_per_hour(client, since_ms=None, until_ms=None)``
+  ``top_terminals_by_flagged_amount(client, limit=10, since_ms=None, until_ms=None)``
+  ``customer_velocity(client, since_ms, until_ms, limit=20, customer_id=None)``
+  ``count_distinct_transactions(client)``
+"""
+import logging
+import re
+import struct
+from typing import List, Optional, Sequence
+from urllib.parse import unquote, urlsplit
+
+import apache_beam as beam
+from clickhouse_driver import Client
+from clickhouse_driver import errors as ch_errors
+
+from txstream.io import sinks
+from txstream.io.sinks import BatchingWriteFn, RetryPolicy, SinkConfigError, SinkResult
+from txstream.records import Decision
+from txstream.transforms.features import FEATURE_NAMES
+
+_LOGGER = logging.getLogger(__name__)
+
+DECISIONS = ("approve", "review", "decline")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CODES = ch_errors.ErrorCodes
+# Server states that pass: overload, timeouts, too many parts waiting for merges, network trouble.
+_RETRYABLE_CODES = {_CODES.UNEXPECTED_END_OF_FILE, _CODES.CANNOT_READ_FROM_ISTREAM, _CODES.CANNOT_WRITE_TO_OSTREAM,
+                    _CODES.ATTEMPT_TO_READ_AFTER_EOF, _CODES.TIMEOUT_EXCEEDED, _CODES.TOO_MANY_SIMULTANEOUS_QUERIES,
+                    _CODES.SOCKET_TIMEOUT, _CODES.NETWORK_ERROR, _CODES.MEMORY_LIMIT_EXCEEDED,
+                    _CODES.TABLE_IS_READ_ONLY, _CODES.TOO_MANY_PARTS, _CODES.ALL_CONNECTION_TRIES_FAILED,
+                    _CODES.UNKNOWN_STATUS_OF_INSERT, _CODES.KEEPER_EXCEPTION, 203, 425}
+_AUTH_CODES = {_CODES.UNKNOWN_USER, _CODES.WRONG_PASSWORD, 516}
+# Raised by the driver while serialising a value the column type cannot hold.
+_VALUE_ERRORS = (ch_errors.LogicalError, ch_errors.TypeMismatchError, ch_errors.TooLargeStringSize, TypeError,
+                 ValueError, OverflowError, UnicodeError, struct.error)
+
+FEATURE_COLUMNS = [name.lower() for name in FEATURE_NAMES]
+INSERT_COLUMNS = (["transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
+                   "currency", "entry_mode", "merchant_category", "customer_segment", "score",
+                   "decision", "reason_codes", "model_version", "reference_version", "pipeline_version",
+                   "schema_id", "source", "decided_at_ms"] + FEATURE_COLUMNS)
+
+
+def table_ddl(database: str) -> str:
+  features = ",\n  ".join(f"{c} Float64" for c in FEATURE_COLUMNS)
+  return f"""CREATE TABLE IF NOT EXISTS {database}.decisions (
+  transaction_id String,
+  event_time_ms Int64,
+  event_time DateTime('UTC') DEFAULT toDateTime(intDiv(event_time_ms, 1000), 'UTC'),
+  event_date Date DEFAULT toDate(event_time),
+  customer_id Int64,
+  terminal_id Int64,
+  card_token String,
+  amount_minor Int64,
+  currency String,
+  entry_mode Nullable(String),
+  merchant_category Nullable(Int32),
+  customer_segment Nullable(String),
+  score Float64,
+  decision Enum8('approve' = 1, 'review' = 2, 'decline' = 3),
+  reason_codes Array(String),
+  model_version String,
+  reference_version Nullable(String),
+  pipeline_version String,
+  schema_id Int32,
+  source String,
+  decided_at_ms UInt64,
+  {features}
+) ENGINE = ReplacingMergeTree(decided_at_ms)
+PARTITION BY toYYYYMM(event_date)
+ORDER BY transaction_id"""
+
+
+class ClickHouseTarget:
+  """A parsed ``clickhouse://[user[:password]@]host[:port]/database`` URL."""
+
+  def __init__(self, url: str):
+    if not url or not isinstance(url, str):
+      raise SinkConfigError("a ClickHouse URL is required, e.g. clickhouse://127.0.0.1:9000/txstream")
+    parts = urlsplit(url)
+    if parts.scheme not in ("clickhouse", "clickhouses"):
+      raise SinkConfigError(f"ClickHouse URL {url!r}: scheme must be clickhouse:// (native protocol)")
+    try:
+      self.port = parts.port or (9440 if parts.scheme == "clickhouses" else 9000)
+    except ValueError as error:
+      raise SinkConfigError(f"ClickHouse URL {url!r}: {error}") from None
+    if not parts.hostname:
+      raise SinkConfigError(f"ClickHouse URL {url!r}: no host")
+    self.host = parts.hostname
+    self.database = parts.path.strip("/") or "default"
+    if not _NAME.match(self.database):
+      raise SinkConfigError(f"ClickHouse URL {url!r}: database name {self.database!r} is not a plain identifier")
+    self.user = unquote(parts.username) if parts.username else "default"
+    self.password = unquote(parts.password) if parts.password else ""
+    self.secure = parts.scheme == "clickhouses"
+
+  @property
+  def where(self) -> str:
+    return f"{self.host}:{self.port}"
+
+  def client(self, database: Optional[str] = None, timeout_s: float = 60.0) -> Client:
+    return Client(self.host, port=self.port, database=database or self.database, user=self.user,
+                  password=self.password, secure=self.secure, connect_timeout=5, send_receive_timeout=timeout_s,
+                  sync_request_timeout=5, client_name="txstream")
+
+
+def is_retryable(error: BaseException) -> bool:
+  if isinstance(error, (ch_errors.NetworkError, ch_errors.SocketTimeoutError,
+                        ch_errors.UnexpectedPacketFromServerError, EOFError, ConnectionError, TimeoutError)):
+    return True
+  return isinstance(error, ch_errors.ServerException) and error.code in _RETRYABLE_CODES
+
+
+def is_rejected(error: BaseException) -> bool:
+  return isinstance(error, _VALUE_ERRORS) and not is_retryable(error)
+
+
+def _message(error: BaseException) -> str:
+  text = getattr(error, "message", None) or str(error)
+  return sinks.one_line(text.split(". Stack trace:")[0])
+
+
+def ensure_schema(target: ClickHouseTarget) -> None:
+  """Creates the database and the ``decisions`` table if missing (idempotent)."""
+  admin = target.client(database="default")
+  try:
+    admin.execute(f"CREATE DATABASE IF NOT EXISTS {target.database}")
+    admin.execute(table_ddl(target.database))
+  finally:
+    admin.disconnect()
+
+
+def preflight(url: str) -> None:
+  """Connects once, creates the database and table if missing, checks the table's columns.
+
+  Raises ``SinkConfigError`` with one line for a bad URL, a refused
+  connection, rejected credentials or a table without the expected columns.
+  """
+  target = ClickHouseTarget(url)
+  try:
+    ensure_schema(target)
+    client = target.client()
+    try:
+      have = {row[0] for row in client.execute(f"DESCRIBE TABLE {target.database}.decisions")}
+    finally:
+      client.disconnect()
+  except ch_errors.ServerException as error:
+    if error.code in _AUTH_CODES:
+      raise SinkConfigError(f"ClickHouse at {target.where} refused user {target.user!r}: {_message(error)}") from None
+    raise SinkConfigError(f"ClickHouse at {target.where}: {_message(error)}") from None
+  except (ch_errors.Error, OSError, EOFError) as error:
+    raise SinkConfigError(f"cannot connect to ClickHouse at {target.where}: {_message(error)}") from None
+  missing = [c for c in INSERT_COLUMNS if c not in have]
+  if missing:
+    raise SinkConfigError(f"ClickHouse table {target.database}.decisions lacks columns {', '.join(missing)} "
+                          "(created by another txstream version; add them with ALTER TABLE ... ADD COLUMN)")
+
+
+def decision_columns(rows: Sequence[Decision]) -> List[list]:
+  """Columns in ``INSERT_COLUMNS`` order, for a columnar insert."""
+  txs = [d.transaction for d in rows]
+  features = list(zip(*(d.features for d in rows)))
+  if len(features) != len(FEATURE_COLUMNS):
+    raise ValueError(f"expected {len(FEATURE_COLUMNS)} features per decision")
+  return [
+      [t.transaction_id for t in txs], [t.event_time_ms for t in txs], [t.customer_id for t in txs],
+      [t.terminal_id for t in txs], [t.card_token for t in txs], [t.amount_minor for t in txs],
+      [t.currency for t in txs], [t.entry_mode for t in txs], [t.merchant_category for t in txs],
+      [t.customer_segment for t in txs], [float(d.score) for d in rows],
+      [d.decision for d in rows], [list(d.reason_codes) for d in rows], [d.model_version for d in rows],
+      [t.reference_version for t in txs], [d.pipeline_version for d in rows], [t.schema_id for t in txs],
+      [t.source for t in txs], [d.decided_at_ms for d in rows],
+  ] + [[float(x) for x in column] for column in features]
+
+
+class _WriteToClickHouseFn(BatchingWriteFn):
+  def __init__(self, url: str, name: str, batch_size: int, max_batch_bytes: int, retry: RetryPolicy):
+    super().__init__(name, batch_size, max_batch_bytes, retry)
+    self._url = url
+    self._target = None
+    self._client = None
+    self._insert = None
+
+  def open_client(self):
+    self._target = ClickHouseTarget(self._url)
+    ensure_schema(self._target)
+    self._client = self._target.client()
+    self._insert = f"INSERT INTO {self._target.database}.decisions ({', '.join(INSERT_COLUMNS)}) VALUES"
+
+  def close_client(self):
+    if self._client is not None:
+      client, self._client = self._client, None
+      client.disconnect()
+
+  def is_retryable(self, error):
+    return is_retryable(error)
+
+  def is_rejected(self, error):
+    return is_rejected(error)
+
+  def write_batch(self, rows: List[Decision]):
+    # The Enum8 column refuses other decisions; catch them here rather than by splitting the batch.
+    good, dead = [], []
+    for d in rows:
+      if d.decision in DECISIONS and len(d.features) == len(FEATURE_COLUMNS):
+        good.append(d)
+      else:
+        dead.append((self.dead_letter_for(d, ValueError(
+            f"decision {d.decision!r} with {len(d.features)} features cannot be stored")), d))
+    if good:
+      self._client.execute(self._insert, decision_columns(good), columnar=True)
+    return dead
+
+
+class WriteToClickHouse(beam.PTransform[beam.PCollection[Decision], SinkResult]):
+  """Decisions -> ``<database>.decisions`` in ClickHouse (see the module docstring).
+
+  Returns a ``SinkResult``: ``written`` (rows per batch) and ``dead_letters``
+  (decisions the table cannot hold). Rewrites are deduplicated by the
+  ReplacingMergeTree on ``transaction_id``; read with ``FINAL``.
+  """
+
+  def __init__(self, url: str, batch_size: int = 20_000, max_batch_bytes: int = 32 << 20,
+               name: str = "analytics", retry: RetryPolicy = RetryPolicy()):
+    super().__init__()
+    ClickHouseTarget(url)
+    sinks.check_batch_limits(batch_size, max_batch_bytes)
+    self._url = url
+    self._fn = _WriteToClickHouseFn(url, name, batch_size, max_batch_bytes, retry)
+
+  def preflight(self) -> None:
+    """Connects once, creates the database and table if missing; ``SinkConfigError`` (one line) on failure."""
+    preflight(self._url)
+
+  def expand(self, decisions) -> SinkResult:
+    return sinks.write_with(decisions, "Write", self._fn)
+
+
+# -- dashboard queries ---------------------------------------------------------------------------
+
+def _window(since_ms: Optional[int], until_ms: Optional[int]) -> str:
+  # event_date bounds let ClickHouse skip partitions; event_time_ms bounds are exact. Both are the
+  # same in every version of a row (event times never change), so filtering before FINAL is safe.
+  where = []
+  if since_ms is not None:
+    where += [f"event_date >= toDate(toDateTime(intDiv({int(since_ms)}, 1000), 'UTC'))",
+              f"event_time_ms >= {int(since_ms)}"]
+  if until_ms is not None:
+    where += [f"event_date <= toDate(toDateTime(intDiv({int(until_ms)}, 1000), 'UTC'))",
+              f"event_time_ms < {int(until_ms)}"]
+  return ("WHERE " + " AND ".join(where)) if where else ""
+
+
+def _rows(client: Client, sql: str) -> List[dict]:
+  data, columns = client.execute(sql, with_column_types=True)
+  names = [c[0] for c in columns]
+  return [dict(zip(names, row)) for row in data]
+
+
+def fraud_rate_per_hour(client: Client, since_ms: Optional[int] = None, until_ms: Optional[int] = None,
+                        database: Optional[str] = None) -> List[dict]:
+  """Per event hour: ``hour_ms``, ``transactions``, ``flagged`` (review + decline), ``declined``, ``flagged_rate``."""
+  table = f"{database}.decisions" if database else "decisions"
+  return _rows(client, f"""
+    SELECT toUInt64(toStartOfHour(event_time)) * 1000 AS hour_ms, count() AS transactions,
+           countIf(decision != 'approve') AS flagged, countIf(decision = 'decline') AS declined,
+           flagged / transactions AS flagged_rate
+    FROM {table} FINAL {_window(since_ms, until_ms)}
+    GROUP BY hour_ms ORDER BY hour_ms""")
+
+
+def top_terminals_by_flagged_amount(client: Client, limit: int = 10, since_ms: Optional[int] = None,
+                                    until_ms: Optional[int] = None, database: Optional[str] = None) -> List[dict]:
+  """Terminals with the largest flagged (review + decline) amount, per currency (amounts never mix currencies)."""
+  table = f"{database}.decisions" if database else "decisions"
+  # The decision is filtered by the aggregate, not in WHERE: a WHERE on a column that differs between
+  # versions of a row could be applied before FINAL picks the latest version (PREWHERE on old servers).
+  return _rows(client, f"""
+    SELECT terminal_id, currency, sumIf(amount_minor, decision != 'approve') AS flagged_amount_minor,
+           countIf(decision != 'approve') AS flagged
+    FROM {table} FINAL {_window(since_ms, until_ms)}
+    GROUP BY terminal_id, currency HAVING flagged > 0
+    ORDER BY flagged_amount_minor DESC, terminal_id, currency LIMIT {int(limit)}""")
+
+
+def customer_velocity(client: Client, since_ms: int, until_ms: int, limit: int = 20,
+                      customer_id: Optional[int] = None, database: Optional[str] = None) -> List[dict]:
+  """Customers by number of transactions in ``[since_ms, until_ms)``: ``transactions``,
+  ``terminals`` (distinct), ``tx_per_hour`` over the window, first and last event time."""
+  table = f"{database}.decisions" if database else "decisions"
+  where = _window(since_ms, until_ms)
+  if customer_id is not None:
+    where += f" AND customer_id = {int(customer_id)}"
+  hours = max(until_ms - since_ms, 1) / 3_600_000
+  return _rows(client, f"""
+    SELECT customer_id, count() AS transactions, uniqExact(terminal_id) AS terminals,
+           transactions / {hours!r} AS tx_per_hour, min(event_time_ms) AS first_ms, max(event_time_ms) AS last_ms
+    FROM {table} FINAL {where}
+    GROUP BY customer_id ORDER BY transactions DESC, customer_id LIMIT {int(limit)}""")
+
+
+def count_distinct_transactions(client: Client, database: Optional[str] = None) -> int:
+  """Distinct ``transaction_id`` values stored, whether or not duplicates are merged yet."""
+  table = f"{database}.decisions" if database else "decisions"
+  return client.execute(f"SELECT uniqExact(transaction_id) FROM {table}")[0][0]
