@@ -249,15 +249,15 @@ class _CustomerBatchFn(_CustomerLogic, _ShardFn):
 
   @staticmethod
   def elements(txs):
-    return txs
+    return map(Transaction._make, txs)
 
   @staticmethod
   def key_of(tx):
     return tx.customer_id
 
   def collect(self, outputs, out):
-    terminal_id, tx_features = out
-    outputs.setdefault(terminal_id % self._shards, []).append(tx_features)
+    terminal_id, (tx, features) = out
+    outputs.setdefault(terminal_id % self._shards, []).append((tuple(tx), features))
     return ()
 
   def flush(self, outputs):
@@ -268,6 +268,12 @@ class _TerminalBatchFn(_TerminalLogic, _ShardFn):
   def __init__(self, delay_days: int):
     super().__init__()
     self._delay_days = delay_days
+
+  @staticmethod
+  def elements(lists):
+    for chunk in lists:
+      for e in chunk:
+        yield e if isinstance(e, Label) else (Transaction._make(e[0]), e[1])
 
   @staticmethod
   def key_of(element):
@@ -329,7 +335,9 @@ class ComputeFeatures(beam.PTransform):
     shards = self._shards
     customer = (
         transactions
-        | "ByCustomerShard" >> beam.Map(lambda tx: (tx.customer_id % shards, tx))
+        # Plain tuples cross the shuffle: pickling a NamedTuple costs a Python
+        # call per record each way, a tuple none.
+        | "ByCustomerShard" >> beam.Map(lambda tx: (tx.customer_id % shards, tuple(tx)))
         | "CollectCustomers" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
         | "Customer" >> beam.ParDo(_CustomerBatchFn(shards)).with_outputs(DEAD, FILTERED, main="featured"))
     terminal = (
