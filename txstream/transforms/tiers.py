@@ -19,7 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from txstream.io import parquet
-from txstream.io.sinks import SinkResult
+from txstream.io.file_retry import RetryingFileWrite
+from txstream.io.sinks import RetryPolicy, SinkResult
 from txstream.records import DeadLetter, Decision
 from txstream.transforms.features import FEATURE_NAMES
 
@@ -36,13 +37,15 @@ class TierConfig(NamedTuple):
 
 
 class _WriteColdFn(beam.DoFn):
-  def __init__(self, root: str):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
     self._root = root
     self._rows = Metrics.counter(NAMESPACE, "tier.cold")
+    self._write = RetryingFileWrite("cold", retry)
 
   def process(self, partition_rows):
     partition, rows = partition_rows
-    self._rows.inc(parquet.write_rows(self._root, partition, rows, FEATURE_NAMES))
+    # The partition's file name is fixed, so a retried write replaces what a failed one left.
+    self._rows.inc(self._write(lambda: parquet.write_rows(self._root, partition, rows, FEATURE_NAMES), partition))
     yield partition
 
 
@@ -56,48 +59,61 @@ def dead_letter_json(letter: DeadLetter) -> str:
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-  def __init__(self, root: str):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
     self._root = root
     self._rows = Metrics.counter(NAMESPACE, "tier.dead_letters")
+    self._write = RetryingFileWrite("dead_letters", retry)
 
   def process(self, stage_letters):
     stage, letters = stage_letters
     lines = sorted(dead_letter_json(x) for x in letters)
-    with FileSystems.create(FileSystems.join(self._root, f"{stage}.jsonl")) as f:
-      f.write(("\n".join(lines) + "\n").encode())
+    path = FileSystems.join(self._root, f"{stage}.jsonl")
+    data = ("\n".join(lines) + "\n").encode()
+
+    def write():
+      with FileSystems.create(path) as f:
+        f.write(data)
+
+    self._write(write, path)
     self._rows.inc(len(lines))
     yield stage
 
 
 class WriteColdTier(beam.PTransform):
-  """Decisions -> Parquet partitions (batch: one file per event hour, replaced on rerun)."""
-  def __init__(self, root: str):
+  """Decisions -> Parquet partitions (batch: one file per event hour, replaced on rerun).
+
+  A file write that fails on a store outage is retried with ``retry``'s backoff
+  (counted as ``sink.cold.retried``); replacing a whole file is idempotent.
+  """
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
     super().__init__()
     if not root:
       raise ValueError("a cold tier path is required")
     self._root = root
+    self._retry = retry
 
   def expand(self, decisions):
     return (decisions
             | "ByHour" >> beam.Map(lambda d: (parquet.partition_of(d.transaction.event_time_ms),
                                               parquet.decision_row(d)))
             | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Write" >> beam.ParDo(_WriteColdFn(self._root)))
+            | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry)))
 
 
 class WriteDeadLetters(beam.PTransform):
-  """DeadLetters -> one JSON-lines file per stage, sorted, replaced on rerun."""
-  def __init__(self, root: str):
+  """DeadLetters -> one JSON-lines file per stage, sorted, replaced on rerun (retried as the cold tier is)."""
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
     super().__init__()
     if not root:
       raise ValueError("a dead-letter path is required")
     self._root = root
+    self._retry = retry
 
   def expand(self, letters):
     return (letters
             | "ByStage" >> beam.Map(lambda x: (x.stage, x))
             | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root)))
+            | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root, self._retry)))
 
 
 class TierWrites(NamedTuple):
