@@ -30,6 +30,7 @@ class _StrictBeamParser(_BeamArgumentParser):
 def _all_option_classes():
   # Importing registers txstream's own option classes with Beam.
   import txstream.config.options  # pylint: disable=unused-import
+  import txstream.io.kafka_config  # pylint: disable=unused-import
   seen, stack = {}, list(PipelineOptions.__subclasses__())
   while stack:
     cls = stack.pop()
@@ -77,6 +78,12 @@ def _generate_parser(sub):
   p.add_argument("--schema_version", type=int, default=2, choices=(1, 2), help="Transaction schema version.")
   p.add_argument("--corrupt_fraction", type=float, default=0.0,
                  help="Share of messages to damage on purpose (lists them in corrupted.json).")
+  p.add_argument("--bootstrap_servers", default=None,
+                 help="Also produce the written transactions to Kafka at host:port (needs --topic).")
+  p.add_argument("--topic", default=None, help="Kafka topic for the transactions.")
+  p.add_argument("--labels_topic", default=None, help="Kafka topic for the fraud labels (optional).")
+  p.add_argument("--partitions", type=int, default=3, help="Partitions when the topic is created (default 3).")
+  p.add_argument("--rate", type=float, default=None, help="Produce at this many messages/s (default: as fast as possible).")
 
 
 def _run_parser(sub):
@@ -102,7 +109,9 @@ def _run_help():
   parser = argparse.ArgumentParser(prog="txstream run", description=(
       "Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
       "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also applies."))
-  for cls in (o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions):
+  from txstream.io.kafka_config import KafkaOptions
+  parser.add_argument("--bootstrap_servers", help="Kafka brokers host:port[,...] (with --topic instead of --input).")
+  for cls in (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions):
     cls._add_argparse_args(parser.add_argument_group(cls.__name__))  # pylint: disable=protected-access
   parser.print_help()
 
@@ -169,6 +178,14 @@ def _generate(args) -> int:
     raise UsageError(str(e)) from e
   except OSError as e:
     raise UsageError(f"cannot write {args.out}: {e.strerror}") from e
+  if args.bootstrap_servers or args.topic:
+    if not (args.bootstrap_servers and args.topic):
+      raise UsageError("producing to Kafka needs both --bootstrap_servers and --topic")
+    try:
+      manifest["produced"] = gen.produce_to_kafka(args.out, args.bootstrap_servers, args.topic, args.labels_topic,
+                                                  args.partitions, args.rate)
+    except ValueError as e:
+      raise UsageError(str(e)) from e
   print(json.dumps(manifest, indent=2, sort_keys=True))
   return 0
 

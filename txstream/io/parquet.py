@@ -60,15 +60,22 @@ def decision_row(d: Decision) -> tuple:
           + tuple(d.features))
 
 
-def write_rows(root: str, partition: str, rows: Iterable[tuple], feature_names: Sequence[str]) -> int:
-  """Writes (replaces) one partition file from ``decision_row`` tuples; returns the number of rows."""
+def write_rows(root: str, partition: str, rows: Iterable[tuple], feature_names: Sequence[str],
+               file_tag: str = "00000") -> int:
+  """Writes (replaces) ``part-<file_tag>.parquet`` of a partition from ``decision_row`` tuples.
+
+  ``file_tag`` names what the run covered: the default for a run over whole
+  windows (files), the start offsets for an incremental Kafka run, so that a
+  retried run replaces its own file and the next run adds a new one.
+  Returns the number of rows.
+  """
   rows = sorted(rows, key=lambda r: r[0])
   schema = decision_schema(feature_names)
   columns = list(zip(*rows)) if rows else [[] for _ in schema]
   table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, schema)], schema=schema)
   buf = io.BytesIO()
   pq.write_table(table, buf, compression="zstd")
-  path = FileSystems.join(root, "decisions", partition, "part-00000.parquet")
+  path = FileSystems.join(root, "decisions", partition, f"part-{file_tag}.parquet")
   with FileSystems.create(path) as f:
     f.write(buf.getvalue())
   return len(rows)

@@ -4,15 +4,19 @@
 output PCollections, so tests can swap any source (``Create``, ``TestStream``)
 and check any stage. Nothing here runs the pipeline.
 """
+import hashlib
 import logging
 import os
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import StandardOptions
 
 from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
-from txstream.records import DeadLetter
+from txstream.io.kafka_config import KafkaConfig, KafkaOptions
+from txstream.io.kafka_read import ReadTransactionsFromKafka
+from txstream.records import DeadLetter, RawRecord
 from txstream.transforms.enrich import Enrich, ReadReference, reference_version
 from txstream.transforms.features import ComputeFeatures
 from txstream.transforms.read import ReadLabels, ReadTransactions
@@ -31,6 +35,7 @@ class GraphOutputs(NamedTuple):
   tier_writes: dict
   model_version: str
   reference_version: Optional[str] = None
+  kafka_ranges: Optional[dict] = None
 
 
 class Sources(NamedTuple):
@@ -48,6 +53,31 @@ class FeatureOutputs(NamedTuple):
   dead_letters: beam.PCollection
   label_dead_letters: beam.PCollection
   reference_version: Optional[str] = None
+  kafka_ranges: Optional[dict] = None
+
+
+_EVENTS_IN = Metrics.counter("txstream", "events_in")
+
+
+def _count_in(record: RawRecord) -> RawRecord:
+  _EVENTS_IN.inc()
+  return record
+
+
+def kafka_transactions(options) -> ReadTransactionsFromKafka:
+  """The Kafka source the options ask for; bounded unless the pipeline is streaming.
+
+  A bounded read starts at the group's committed offsets (``--kafka_start``)
+  and stops at the end offsets fixed when the graph is built, so the driver
+  knows exactly which offsets to commit once every tier has written.
+  """
+  flags = options.view_as(KafkaOptions)
+  streaming = options.view_as(StandardOptions).streaming
+  stop_at = flags.kafka_stop_at or (None if streaming or flags.kafka_stop_time_ms else "end")
+  return ReadTransactionsFromKafka(
+      KafkaConfig.from_options(options), kafka_io=flags.kafka_io, start=flags.kafka_start, stop_at=stop_at,
+      start_time=flags.kafka_start_time_ms, stop_time=flags.kafka_stop_time_ms,
+      expansion_service=flags.expansion_service)
 
 
 def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> FeatureOutputs:
@@ -56,7 +86,14 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
   feat = options.view_as(FeatureOptions)
   raw = sources.raw
   read_dead = []
-  if raw is None:
+  kafka_ranges = None
+  if raw is None and options.view_as(KafkaOptions).topic:
+    kafka_read = kafka_transactions(options)
+    raw = (pipeline | "ReadTransactionsFromKafka" >> kafka_read
+           | "CountIn" >> beam.Map(_count_in).with_output_types(RawRecord))
+    if hasattr(kafka_read.reader, "offset_ranges"):
+      kafka_ranges = kafka_read.reader.offset_ranges()
+  elif raw is None:
     read = pipeline | "ReadTransactions" >> ReadTransactions(src.input)
     raw, read_dead = read.records, [read.dead_letters]
   raw_labels = sources.raw_labels
@@ -66,7 +103,7 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
     raw_labels, label_dead = labels_read.records, [labels_read.dead_letters]
   customers, terminals, version = sources.customers, sources.terminals, sources.reference_version
   if customers is None:
-    reference_dir = src.reference_dir or os.path.join(src.input, "reference")
+    reference_dir = src.reference_dir or os.path.join(src.input or ".", "reference")
     customers, terminals = pipeline | "ReadReference" >> ReadReference(reference_dir)
     version = reference_version(reference_dir)
 
@@ -84,7 +121,13 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
           ) | "AllDeadLetters" >> beam.Flatten()
   label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetter)]
                 ) | "AllLabelDeadLetters" >> beam.Flatten()
-  return FeatureOutputs(features.featured, features.filtered, dead, label_dead, version)
+  return FeatureOutputs(features.featured, features.filtered, dead, label_dead, version, kafka_ranges)
+
+
+def kafka_file_tag(topic: str, ranges: dict) -> str:
+  """A file tag for an incremental Kafka run: the same for a retry of a run (same start offsets)."""
+  starts = ",".join(f"{p}:{start}" for p, (start, _) in sorted(ranges.items()))
+  return "k" + hashlib.sha1(f"{topic}|{starts}".encode()).hexdigest()[:12]
 
 
 def build_tiers(options) -> WriteTiers:
@@ -104,15 +147,20 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
   write_tiers = write_tiers or build_tiers(options)
   features = build_features(pipeline, options, sources)
   decisions = features.featured | "Score" >> score
+  file_tag = "00000"
+  if features.kafka_ranges is not None:
+    file_tag = kafka_file_tag(options.view_as(KafkaOptions).topic, features.kafka_ranges)
+    write_tiers = write_tiers.with_file_tag(file_tag)
   writes = decisions | "WriteTiers" >> write_tiers
   written = dict(writes.written)
   all_dead = ((features.dead_letters, features.label_dead_letters, writes.dead_letters)
               | "DeadAndLabelDead" >> beam.Flatten())
   if tiers.dead_letter_path:
-    written["dead_letters"] = all_dead | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path)
+    written["dead_letters"] = all_dead | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path,
+                                                                              file_tag=file_tag)
   if tiers.postgres_dsn:
     from txstream.io.postgres_sink import WriteDeadLettersToPostgres
     written["warm_dead_letters"] = (
         all_dead | "WriteDeadLettersToPostgres" >> WriteDeadLettersToPostgres(tiers.postgres_dsn)).written
   return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, written,
-                      score.model_version, features.reference_version)
+                      score.model_version, features.reference_version, features.kafka_ranges)

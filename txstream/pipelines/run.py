@@ -18,6 +18,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from txstream.config.options import RunOptions, SourceOptions, TierOptions
+from txstream.io.kafka_config import KafkaConfig, KafkaOptions
+from txstream.io.kafka_offsets import commit_offsets
 from txstream.io.schema_registry import registered_schema_ids
 from txstream.pipelines.graph import build_graph, build_tiers
 from txstream.runners.profiles import runner_for
@@ -62,8 +64,18 @@ def summarize(values: Counter, wall_seconds: float, model_version: str) -> dict:
 
 def check_config(options) -> None:
   src = options.view_as(SourceOptions)
+  if options.view_as(KafkaOptions).topic:
+    if src.input:
+      raise ConfigError("give either --input DIR or --topic T, not both")
+    if not src.reference_dir or not os.path.isdir(src.reference_dir):
+      raise ConfigError("--topic needs --reference_dir DIR (customers.avro, terminals.avro)")
+    try:
+      KafkaConfig.from_options(options)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    return
   if not src.input:
-    raise ConfigError("--input DIR is required (a directory written by `txstream generate`)")
+    raise ConfigError("--input DIR (files written by `txstream generate`) or --topic T is required")
   if not os.path.isdir(src.input) and "://" not in src.input:
     raise ConfigError(f"--input {src.input}: no such directory")
   for sub in ("transactions", "labels", "reference"):
@@ -112,6 +124,13 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   summary = summarize(counters(result), wall, outputs.model_version)
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
+  if outputs.kafka_ranges is not None:
+    # Only now, with every tier written, do the offsets move on: a run that
+    # dies earlier leaves them where they were and the next run rereads its
+    # range, which the upserting tiers absorb without duplicates.
+    ranges = {p: stop for p, (_, stop) in outputs.kafka_ranges.items()}
+    commit_offsets(KafkaConfig.from_options(options), ranges)
+    summary["kafka_offsets"] = {str(p): [start, stop] for p, (start, stop) in sorted(outputs.kafka_ranges.items())}
   _record_run(options, {"run_id": run_id, "finished_at": int(time.time() * 1000), "summary": summary})
   path = options.view_as(RunOptions).summary_json
   if path:

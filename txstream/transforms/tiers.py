@@ -34,10 +34,12 @@ class TierConfig(NamedTuple):
   redis_url: Optional[str] = None
   postgres_dsn: Optional[str] = None
   clickhouse_url: Optional[str] = None
+  file_tag: str = "00000"
 
 
 class _WriteColdFn(beam.DoFn):
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
+    self._file_tag = file_tag
     self._root = root
     self._rows = Metrics.counter(NAMESPACE, "tier.cold")
     self._write = RetryingFileWrite("cold", retry)
@@ -45,7 +47,8 @@ class _WriteColdFn(beam.DoFn):
   def process(self, partition_rows):
     partition, rows = partition_rows
     # The partition's file name is fixed, so a retried write replaces what a failed one left.
-    self._rows.inc(self._write(lambda: parquet.write_rows(self._root, partition, rows, FEATURE_NAMES), partition))
+    self._rows.inc(self._write(lambda: parquet.write_rows(self._root, partition, rows, FEATURE_NAMES,
+                                                                  self._file_tag), partition))
     yield partition
 
 
@@ -59,7 +62,8 @@ def dead_letter_json(letter: DeadLetter) -> str:
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
+    self._name = "{stage}.jsonl" if file_tag == "00000" else "{stage}-" + file_tag + ".jsonl"
     self._root = root
     self._rows = Metrics.counter(NAMESPACE, "tier.dead_letters")
     self._write = RetryingFileWrite("dead_letters", retry)
@@ -67,7 +71,7 @@ class _WriteDeadLettersFn(beam.DoFn):
   def process(self, stage_letters):
     stage, letters = stage_letters
     lines = sorted(dead_letter_json(x) for x in letters)
-    path = FileSystems.join(self._root, f"{stage}.jsonl")
+    path = FileSystems.join(self._root, self._name.format(stage=stage))
     data = ("\n".join(lines) + "\n").encode()
 
     def write():
@@ -85,8 +89,9 @@ class WriteColdTier(beam.PTransform):
   A file write that fails on a store outage is retried with ``retry``'s backoff
   (counted as ``sink.cold.retried``); replacing a whole file is idempotent.
   """
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
     super().__init__()
+    self._file_tag = file_tag
     if not root:
       raise ValueError("a cold tier path is required")
     self._root = root
@@ -97,13 +102,14 @@ class WriteColdTier(beam.PTransform):
             | "ByHour" >> beam.Map(lambda d: (parquet.partition_of(d.transaction.event_time_ms),
                                               parquet.decision_row(d)))
             | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry)))
+            | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry, self._file_tag)))
 
 
 class WriteDeadLetters(beam.PTransform):
   """DeadLetters -> one JSON-lines file per stage, sorted, replaced on rerun (retried as the cold tier is)."""
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy()):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
     super().__init__()
+    self._file_tag = file_tag
     if not root:
       raise ValueError("a dead-letter path is required")
     self._root = root
@@ -113,7 +119,7 @@ class WriteDeadLetters(beam.PTransform):
     return (letters
             | "ByStage" >> beam.Map(lambda x: (x.stage, x))
             | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root, self._retry)))
+            | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root, self._retry, self._file_tag)))
 
 
 class TierWrites(NamedTuple):
@@ -135,7 +141,7 @@ class WriteTiers(beam.PTransform):
     self._config = config
     self._sinks = {}
     if config.cold_path:
-      self._sinks["cold"] = WriteColdTier(config.cold_path)
+      self._sinks["cold"] = WriteColdTier(config.cold_path, file_tag=config.file_tag)
     if config.redis_url:
       from txstream.io.redis_sink import WriteToRedis
       self._sinks["hot"] = WriteToRedis(config.redis_url)
@@ -145,6 +151,10 @@ class WriteTiers(beam.PTransform):
     if config.clickhouse_url:
       from txstream.io.clickhouse_sink import WriteToClickHouse
       self._sinks["analytics"] = WriteToClickHouse(config.clickhouse_url)
+
+  def with_file_tag(self, file_tag: str) -> "WriteTiers":
+    """The same tiers, naming cold-tier files ``part-<file_tag>`` (see ``parquet.write_rows``)."""
+    return WriteTiers(self._config._replace(file_tag=file_tag))
 
   @property
   def tiers(self):
