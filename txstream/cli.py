@@ -93,15 +93,29 @@ def _run_parser(sub):
 
 
 def _train_parser(sub):
-  p = sub.add_parser("train", help="Compute features with the pipeline and train the XGBoost model.")
+  p = sub.add_parser("train", help="Compute features with the pipeline and train the XGBoost model.",
+                     description="Features are computed once by the pipeline's own transforms, then split by day. "
+                                 "--protocol handbook runs the Fraud Detection Handbook's evaluation (baseline "
+                                 "split, 4 prequential test folds, 4 validation folds) beside its published figures; "
+                                 "it needs data from 2018-04-01 to 2018-09-04 (`txstream generate --days 157`).")
   p.add_argument("--input", required=True, help="Directory written by `txstream generate`.")
   p.add_argument("--model_dir", required=True, help="Where to write model.json + metadata.json.")
   p.add_argument("--metrics_json", default=None, help="Also write the metrics here.")
+  p.add_argument("--protocol", choices=("split", "handbook"), default="split",
+                 help="split: one train/delay/test split over the input (default); handbook: the book's protocol.")
   p.add_argument("--train_days", type=int, default=None,
-                 help="Days used for training (default: all but the delay and test weeks).")
-  p.add_argument("--test_days", type=int, default=7, help="Days held out for testing (default 7).")
-  p.add_argument("--delay_days", type=int, default=7, help="Gap between train and test (default 7).")
+                 help="split: days used for training (default: all but the delay and test weeks).")
+  p.add_argument("--test_days", type=int, default=7, help="split: days held out for testing (default 7).")
+  p.add_argument("--delay_days", type=int, default=7, help="split: gap between train and test (default 7).")
   p.add_argument("--seed", type=int, default=0, help="Training seed (default 0).")
+  p.add_argument("--params", default=None,
+                 help='XGBoost parameters overriding the defaults, as JSON: \'{"max_depth": 6}\'.')
+  p.add_argument("--feature_sets", default="all",
+                 help="handbook: comma-separated feature sets to evaluate: all, no_early_labels, handbook "
+                      "(default all; only 'all' is written as a model).")
+  p.add_argument("--select", action="store_true",
+                 help="handbook: choose max_depth/n_estimators/learning_rate from the book's grid on its "
+                      "validation folds (best average precision) before testing.")
 
 
 def _run_help():
@@ -192,15 +206,33 @@ def _generate(args) -> int:
 
 def _train(args) -> int:
   from txstream.models import train as train_lib
+  if args.protocol == "split" and (args.select or args.feature_sets != "all"):
+    raise UsageError("--select and --feature_sets apply to --protocol handbook only")
+  if args.protocol == "handbook" and (args.train_days is not None or args.test_days != 7 or args.delay_days != 7):
+    raise UsageError("--protocol handbook uses the book's weeks; --train_days/--test_days/--delay_days do not apply")
   try:
-    metrics = train_lib.train(args.input, args.model_dir, train_days=args.train_days, test_days=args.test_days,
-                              delay_days=args.delay_days, seed=args.seed)
+    params = json.loads(args.params) if args.params else None
+  except ValueError as e:
+    raise UsageError(f"--params: not JSON: {args.params!r}") from e
+  if params is not None and not isinstance(params, dict):
+    raise UsageError(f"--params: not a JSON object: {args.params!r}")
+  try:
+    if args.protocol == "handbook":
+      metrics = train_lib.train_handbook(args.input, args.model_dir, seed=args.seed, params=params,
+                                         feature_sets=[s for s in args.feature_sets.split(",") if s],
+                                         select=args.select)
+    else:
+      metrics = train_lib.train(args.input, args.model_dir, train_days=args.train_days, test_days=args.test_days,
+                                delay_days=args.delay_days, seed=args.seed, params=params)
   except _config_errors() + (ValueError,) as e:
     raise UsageError(str(e)) from e
   text = json.dumps(metrics, indent=2, sort_keys=True)
   if args.metrics_json:
-    with open(args.metrics_json, "w", encoding="utf-8") as f:
-      f.write(text)
+    try:
+      with open(args.metrics_json, "w", encoding="utf-8") as f:
+        f.write(text)
+    except OSError as e:
+      raise UsageError(f"cannot write {args.metrics_json}: {e.strerror}") from e
   print(text)
   return 0
 

@@ -34,10 +34,15 @@ DEAD = "dead_letters"
 FILTERED = "filtered"
 STAGE = "features"
 
+# Order = CustomerHistory.add and TerminalHistory.add outputs (see feature_state).
 FEATURE_NAMES = (
     ["TX_AMOUNT", "TX_DURING_WEEKEND", "TX_DURING_NIGHT"]
     + [f"CUSTOMER_ID_{kind}_{n}DAY_WINDOW" for n in WINDOWS_DAYS for kind in ("NB_TX", "AVG_AMOUNT")]
+    + ["CUSTOMER_ID_AMOUNT_RATIO_7DAY_WINDOW", "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW",
+       "CUSTOMER_ID_AMOUNT_ZSCORE_30DAY_WINDOW"]
     + [f"TERMINAL_ID_{kind}_{n}DAY_WINDOW" for n in WINDOWS_DAYS for kind in ("NB_TX", "RISK")]
+    + ["TERMINAL_ID_KNOWN_FRAUDS_7DAY", "TERMINAL_ID_KNOWN_RISK_7DAY", "TERMINAL_ID_KNOWN_FRAUDS_30DAY",
+       "TERMINAL_ID_KNOWN_RISK_30DAY", "TERMINAL_ID_DAYS_SINCE_KNOWN_FRAUD"]
     + ["HOME_DISTANCE"])
 
 _TX, _LABEL = 1, 0
@@ -77,15 +82,21 @@ class _OrderedFn(beam.DoFn):
   def time_of(self, element) -> int:
     raise NotImplementedError
 
+  def on_late(self, element, done_up_to):
+    """What a late element becomes (a dead letter by default); None: buffer it after all."""
+    return beam.pvalue.TaggedOutput(DEAD, self.late_letter(element, done_up_to))
+
   def process(self, keyed, pending=beam.DoFn.StateParam(PENDING), done=beam.DoFn.StateParam(DONE_UP_TO),
               next_fire=beam.DoFn.StateParam(NEXT_FIRE), flush=beam.DoFn.TimerParam(FLUSH)):
     element = keyed[1]
     t = self.time_of(element)
     done_up_to = done.read()
     if done_up_to is not None and t <= done_up_to:
-      (self._late_labels if isinstance(element, Label) else self._late).inc()
-      yield beam.pvalue.TaggedOutput(DEAD, self.late_letter(element, done_up_to))
-      return
+      late = self.on_late(element, done_up_to)
+      if late is not None:
+        (self._late_labels if isinstance(element, Label) else self._late).inc()
+        yield late
+        return
     pending.add(element)
     fire_at = t + self._lateness_ms
     scheduled = next_fire.read()
@@ -221,11 +232,83 @@ class _TerminalLogic:
         history.add_label(element.transaction_id, element.tx_time_ms)
       return
     tx, customer_features = element
-    weekend, night = time_flags(tx.event_time_ms)
-    features = ((tx.amount_minor / 100.0, weekend, night) + customer_features
-                + history.add(tx.event_time_ms)
-                + (tx.home_distance if tx.home_distance is not None else -1.0,))
-    yield beam.window.TimestampedValue(Featured(tx, features), tx.event_time_ms / 1000)
+    yield beam.window.TimestampedValue(assemble(tx, customer_features, history.add(tx.event_time_ms)),
+                                       tx.event_time_ms / 1000)
+
+
+def assemble(tx: Transaction, customer_features: tuple, terminal_features: tuple) -> Featured:
+  """The feature vector in ``FEATURE_NAMES`` order."""
+  weekend, night = time_flags(tx.event_time_ms)
+  return Featured(tx, ((tx.amount_minor / 100.0, weekend, night) + customer_features + terminal_features
+                       + (tx.home_distance if tx.home_distance is not None else -1.0,)))
+
+
+class _TerminalStreamState:
+  """A terminal's history plus the transaction ids it has counted (exact repeats count once)."""
+  __slots__ = ("history", "seen")
+
+  def __init__(self, delay_days: int):
+    self.history = TerminalHistory(delay_days)
+    self.seen = {}
+
+
+class _TerminalStreamFn(_TerminalLogic, _OrderedFn):
+  """Streaming: (terminal_id, (Transaction, None) | Label) -> (transaction_id, terminal features).
+
+  Fed by the source-rooted transactions rather than by the customer stage:
+  Python runners hold no watermark for pending timers, so a stage fed by
+  another stage's timers can find elements behind its own horizon after a
+  watermark jump. Both stages read the source and ``_JoinFn`` pairs them.
+  """
+  def __init__(self, lateness_ms: int, delay_days: int):
+    super().__init__(lateness_ms)
+    self._delay_days = delay_days
+
+  def new_state(self):
+    return _TerminalStreamState(self._delay_days)
+
+  def on_late(self, element, done_up_to):
+    # Lateness of a transaction is judged once, by the customer stage; here a
+    # late one still gets its terminal part (else it could never be joined),
+    # computed from the history as it stands and not added to it.
+    return super().on_late(element, done_up_to) if isinstance(element, Label) else None
+
+  def apply(self, state, element):
+    if isinstance(element, Label):
+      yield from super().apply(state.history, element)
+      return
+    tx = element[0]
+    if tx.transaction_id in state.seen:
+      return
+    state.seen[tx.transaction_id] = tx.event_time_ms
+    if state.history.times and tx.event_time_ms < state.history.times[-1]:
+      yield beam.window.TimestampedValue(
+          (tx.transaction_id, ("t", tx, state.history.peek(tx.event_time_ms))), tx.event_time_ms / 1000)
+      return
+    if len(state.seen) > 4096:
+      horizon = tx.event_time_ms - 60 * 86_400_000
+      state.seen = {k: t for k, t in state.seen.items() if t > horizon}
+    yield beam.window.TimestampedValue(
+        (tx.transaction_id, ("t", tx, state.history.add(tx.event_time_ms))), tx.event_time_ms / 1000)
+
+
+class _JoinFn(beam.DoFn):
+  """(transaction_id, customer part | terminal part) -> Featured once both parts are in.
+
+  Independent of arrival order and of the watermark; each part arrives once
+  (both stages drop exact repeats), so each transaction is emitted once.
+  """
+  PART = ReadModifyWriteStateSpec("part", PickleCoder())
+
+  def process(self, keyed, part_state=beam.DoFn.StateParam(PART)):
+    part = keyed[1]
+    other = part_state.read()
+    if other is None:
+      part_state.write(part)
+      return
+    part_state.clear()
+    (_, tx, customer_features), (_, _, terminal_features) = sorted((part, other), key=lambda p: p[0])
+    yield beam.window.TimestampedValue(assemble(tx, customer_features, terminal_features), tx.event_time_ms / 1000)
 
 
 class _CustomerFeaturesFn(_CustomerLogic, _OrderedFn):
@@ -233,12 +316,6 @@ class _CustomerFeaturesFn(_CustomerLogic, _OrderedFn):
     for out in super().apply(history, tx):
       yield out if isinstance(out, beam.pvalue.TaggedOutput) else beam.window.TimestampedValue(
           out, tx.event_time_ms / 1000)
-
-
-class _TerminalFeaturesFn(_TerminalLogic, _OrderedFn):
-  def __init__(self, lateness_ms: int, delay_days: int):
-    super().__init__(lateness_ms)
-    self._delay_days = delay_days
 
 
 class _CustomerBatchFn(_CustomerLogic, _ShardFn):
@@ -307,9 +384,8 @@ class ComputeFeatures(beam.PTransform):
   def expand(self, transactions):
     labels = self._labels
     if labels is None:
-      # Measured: on the FnApiRunner a stateful stage fed only by another
-      # stateful stage's timer output never fires its own timers; a
-      # source-rooted branch into the Flatten keeps its watermark moving.
+      # An empty, source-rooted label stream keeps the terminal stage's
+      # inputs uniform (and, measured on the FnApiRunner, its timers firing).
       labels = transactions.pipeline | "NoLabels" >> beam.Create([]).with_output_types(Label)
     if self._bounded:
       return self._expand_bounded(transactions, labels)
@@ -323,13 +399,21 @@ class ComputeFeatures(beam.PTransform):
         labels
         | "LabelTimestamp" >> beam.Map(lambda lb: beam.window.TimestampedValue(lb, lb.label_time_ms / 1000))
         | "LabelByTerminal" >> beam.Map(lambda lb: (lb.terminal_id, lb)).with_output_types(Tuple[int, Any]))
+    txs_by_terminal = keyed_txs | "ByTerminal" >> beam.Map(
+        lambda kv: (kv[1].terminal_id, (kv[1], None))).with_output_types(Tuple[int, Any])
     terminal = (
-        (customer.featured, keyed_labels)
+        (txs_by_terminal, keyed_labels)
         | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Any])
-        | "Terminal" >> beam.ParDo(_TerminalFeaturesFn(self._lateness_ms, self._delay_days)).with_outputs(
+        | "Terminal" >> beam.ParDo(_TerminalStreamFn(self._lateness_ms, self._delay_days)).with_outputs(
             DEAD, main="featured"))
+    customer_parts = customer.featured | "CustomerPart" >> beam.Map(
+        lambda kv: (kv[1][0].transaction_id, ("c", kv[1][0], kv[1][1]))).with_output_types(Tuple[str, Any])
+    featured = (
+        (customer_parts, terminal.featured)
+        | "Parts" >> beam.Flatten().with_output_types(Tuple[str, Any])
+        | "Join" >> beam.ParDo(_JoinFn()))
     dead = (customer[DEAD], terminal[DEAD]) | "DeadLetters" >> beam.Flatten()
-    return FeaturesResult(terminal.featured, customer[FILTERED], dead)
+    return FeaturesResult(featured, customer[FILTERED], dead)
 
   def _expand_bounded(self, transactions, labels):
     shards = self._shards
