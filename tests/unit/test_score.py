@@ -71,3 +71,25 @@ def test_rules_decide():
 def test_bad_batch_size():
   with pytest.raises(ValueError):
     Score(max_batch_size=0)
+
+
+def test_new_model_from_side_input_replaces_the_bundled_one(tmp_path):
+  """A ModelMetadata side input swaps the model without rebuilding the graph; decisions carry its version."""
+  from apache_beam.ml.inference.base import ModelMetadata
+  rng = np.random.default_rng(0)
+  x = rng.random((300, len(FEATURE_NAMES)), dtype=np.float32) * 100
+  y = x[:, 0] > 60
+  model = xgboost.XGBClassifier(n_estimators=5, max_depth=2, n_jobs=1).fit(x, y)
+  model.save_model(str(tmp_path / "m.json"))
+  meta = artifacts.write_artifact(str(tmp_path / "new"), (tmp_path / "m.json").read_bytes(),
+                                  {"feature_names": list(FEATURE_NAMES)})
+  bundled_version, _ = _expected_scores()
+  assert meta["version"] != bundled_version
+  expected = model.predict_proba(np.array([f.features for f in INPUTS], dtype=np.float32))[:, 1]
+  with TestPipeline() as p:
+    updates = p | "Updates" >> beam.Create([ModelMetadata(model_id=str(tmp_path / "new" / "model.json"),
+                                                          model_name="new")])
+    decisions = p | beam.Create(INPUTS) | Score(model_updates=updates)
+    assert_that(decisions | beam.Map(lambda d: (d.transaction.transaction_id, round(d.score, 6), d.model_version)),
+                equal_to([(f.transaction.transaction_id, round(float(s), 6), meta["version"])
+                          for f, s in zip(INPUTS, expected)]))

@@ -40,6 +40,9 @@ class ScoreOptions(PipelineOptions):
                         help="Rules YAML file; default: the bundled rules.")
     parser.add_argument("--inference_batch_size", type=int, default=1000,
                         help="Maximum batch size for RunInference.")
+    parser.add_argument("--model_watch_pattern", default=None,
+                        help="Streaming only: watch this glob (e.g. gs://models/*/model.json) and switch to each "
+                             "new model artifact as it appears, without a restart.")
 
 
 class TierOptions(PipelineOptions):

@@ -143,7 +143,13 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
   score_opts = options.view_as(ScoreOptions)
   tiers = options.view_as(TierOptions)
   # Constructing Score first checks the model and rules before anything is read.
-  score = Score(score_opts.model_dir, score_opts.rules, score_opts.inference_batch_size)
+  model_updates = None
+  if score_opts.model_watch_pattern:
+    if not options.view_as(StandardOptions).streaming:
+      raise ValueError("--model_watch_pattern needs --streaming (a bounded run scores with one model)")
+    from apache_beam.ml.inference.utils import WatchFilePattern
+    model_updates = pipeline | "WatchModels" >> WatchFilePattern(file_pattern=score_opts.model_watch_pattern)
+  score = Score(score_opts.model_dir, score_opts.rules, score_opts.inference_batch_size, model_updates)
   write_tiers = write_tiers or build_tiers(options)
   features = build_features(pipeline, options, sources)
   decisions = features.featured | "Score" >> score

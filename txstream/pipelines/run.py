@@ -17,7 +17,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from txstream.config.options import RunOptions, SourceOptions, TierOptions
+from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import commit_offsets
 from txstream.io.schema_registry import registered_schema_ids
@@ -64,6 +64,8 @@ def summarize(values: Counter, wall_seconds: float, model_version: str) -> dict:
 
 def check_config(options) -> None:
   src = options.view_as(SourceOptions)
+  if options.view_as(ScoreOptions).model_watch_pattern:
+    raise ConfigError("--model_watch_pattern needs a streaming run; `txstream run` scores with one model")
   if options.view_as(KafkaOptions).topic:
     if src.input:
       raise ConfigError("give either --input DIR or --topic T, not both")

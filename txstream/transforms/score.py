@@ -45,15 +45,19 @@ class _DecideFn(beam.DoFn):
     self._scored.inc()
     self._by_decision[decision].inc()
     self._latency.update(max(0, now_ms - featured.transaction.event_time_ms))
-    yield Decision(featured.transaction, featured.features, score, self._model_version, codes, decision,
+    yield Decision(featured.transaction, featured.features, score, prediction.model_id or self._model_version,
+                   codes, decision,
                    txstream.__version__, now_ms)
 
 
 class Score(beam.PTransform):
   """Featured -> Decision. Fails at construction on a missing or corrupt model or rules file."""
   def __init__(self, model_dir: Optional[str] = None, rules_path: Optional[str] = None,
-               max_batch_size: int = 1000):
+               max_batch_size: int = 1000, model_updates=None):
+    """``model_updates``: optional PCollection of ModelMetadata (``model_id`` = a new model.json path),
+    used as a side input so that a new model replaces the old one without a restart."""
     super().__init__()
+    self._model_updates = model_updates
     if max_batch_size < 1:
       raise ValueError("max_batch_size must be >= 1")
     self._meta = artifacts.load_metadata(model_dir, FEATURE_NAMES)
@@ -68,5 +72,6 @@ class Score(beam.PTransform):
     return (
         featured
         | "ToExample" >> beam.Map(to_example)
-        | "Infer" >> RunInference(fraud_model_handler(self._meta["model_path"], self._max_batch_size))
+        | "Infer" >> RunInference(fraud_model_handler(self._meta["model_path"], self._max_batch_size, FEATURE_NAMES),
+                                  model_metadata_pcoll=self._model_updates)
         | "Decide" >> beam.ParDo(_DecideFn(self._rules, self.model_version)).with_output_types(Decision))
