@@ -40,6 +40,55 @@ def test_customer_windows_match_definition():
     assert _close(got, want), (got, want)
 
 
+def _brute_customer_seen(seen, current):
+  """Features of ``current`` from what has been seen: what is at or before its time counts."""
+  t, amount = current
+  earlier = list(seen)
+  earlier.remove(current)
+  before = sorted(e for e in earlier if e[0] <= t)
+  return _brute_customer(before + [current], t)
+
+
+def test_customer_out_of_order_arrivals_count_only_what_is_at_or_before():
+  # The live hot path can see a customer's transactions slightly out of
+  # order; each is placed by its time and later windows are unaffected.
+  rng = random.Random(5)
+  events = [(rng.randrange(0, 60 * DAY_MS), rng.randrange(1, 50_000)) for _ in range(400)]
+  events.sort()
+  arrivals = list(events)
+  for i in range(0, len(arrivals) - 8, 8):  # shuffle within runs of 8
+    chunk = arrivals[i:i + 8]
+    rng.shuffle(chunk)
+    arrivals[i:i + 8] = chunk
+  history, seen = CustomerHistory(), []
+  for t, amount in arrivals:
+    seen.append((t, amount))
+    got = history.add(t, amount)
+    assert _close(got, _brute_customer_seen(seen, (t, amount))), (t, got)
+  ordered = CustomerHistory()
+  for t, amount in events:
+    ordered.add(t, amount)
+  later = events[-1][0] + 1
+  assert _close(history.add(later, 777), ordered.add(later, 777))
+
+
+def test_terminal_out_of_order_arrivals_match_in_order_state():
+  rng = random.Random(6)
+  times = sorted(rng.randrange(0, 60 * DAY_MS) for _ in range(300))
+  arrivals = list(times)
+  for i in range(0, len(arrivals) - 5, 5):
+    chunk = arrivals[i:i + 5]
+    rng.shuffle(chunk)
+    arrivals[i:i + 5] = chunk
+  shuffled, ordered = TerminalHistory(7), TerminalHistory(7)
+  for t in arrivals:
+    shuffled.add(t)
+  for t in times:
+    ordered.add(t)
+  for probe in (times[-1] + 1, times[-1] + 3 * DAY_MS, times[len(times) // 2]):
+    assert shuffled.peek(probe) == ordered.peek(probe)
+
+
 def test_customer_amount_versus_earlier_by_hand():
   history = CustomerHistory()
   # First transaction: nothing earlier, ratio -1 and z 0.

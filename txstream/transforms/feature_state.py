@@ -50,20 +50,31 @@ class CustomerHistory:
     self._base_squares = 0
 
   def add(self, t: int, amount: int) -> Tuple[float, ...]:
-    """Adds a transaction at t; returns (nb, mean) per window, then the amount ratios and z-score."""
-    self.times.append(t)
-    self.cum_amounts.append((self.cum_amounts[-1] if self.cum_amounts else self._base) + amount)
-    self.cum_squares.append((self.cum_squares[-1] if self.cum_squares else self._base_squares) + amount * amount)
-    self._prune(t - WINDOWS_DAYS[-1] * DAY_MS)
+    """Adds a transaction at t; returns (nb, mean) per window, then the amount ratios and z-score.
+
+    The graph feeds transactions in event-time order; one that comes earlier
+    than the latest seen (the live hot path) is inserted in its place, and its
+    features count what is at or before it, exactly as if it had come in order.
+    """
+    at = len(self.times)
+    if at and t < self.times[-1]:
+      at = bisect.bisect_right(self.times, t)
+    self.times.insert(at, t)
+    self.cum_amounts.insert(at, self._sum(self.cum_amounts, self._base, at) + amount)
+    self.cum_squares.insert(at, self._sum(self.cum_squares, self._base_squares, at) + amount * amount)
+    for i in range(at + 1, len(self.times)):
+      self.cum_amounts[i] += amount
+      self.cum_squares[i] += amount * amount
     out = []
-    last = len(self.times) - 1
-    total = self.cum_amounts[last]
+    total = self.cum_amounts[at]
     for n in WINDOWS_DAYS:
       i = bisect.bisect_right(self.times, t - n * DAY_MS)
-      count = last - i + 1
+      count = at - i + 1
       out.append(float(count))
       out.append((total - self._sum(self.cum_amounts, self._base, i)) / count / 100.0)
-    return tuple(out) + self._versus_earlier(t, amount, last)
+    out = tuple(out) + self._versus_earlier(t, amount, at)
+    self._prune(self.times[-1] - WINDOWS_DAYS[-1] * DAY_MS)
+    return out
 
   @staticmethod
   def _sum(cum: List[int], base: int, i: int) -> int:
@@ -131,7 +142,10 @@ class TerminalHistory:
   def add(self, t: int) -> Tuple[float, ...]:
     """Returns (nb, risk) per delayed window, then the known-fraud features; records the transaction at t."""
     out = self.peek(t)
-    self.times.append(t)
+    if self.times and t < self.times[-1]:
+      bisect.insort(self.times, t)  # out of order (the live hot path); in order it is an append
+    else:
+      self.times.append(t)
     self._prune(t - self.delay_ms - WINDOWS_DAYS[-1] * DAY_MS)
     return out
 
@@ -159,7 +173,7 @@ class TerminalHistory:
     for n in KNOWN_WINDOWS_DAYS:
       start = t - n * DAY_MS
       frauds = f_end - bisect.bisect_right(self.fraud_times, start)
-      count = len(self.times) - bisect.bisect_right(self.times, start)
+      count = bisect.bisect_right(self.times, t) - bisect.bisect_right(self.times, start)
       out.append(float(frauds))
       out.append(frauds / count if count else 0.0)
     horizon = KNOWN_WINDOWS_DAYS[-1] * DAY_MS
