@@ -30,7 +30,7 @@ deviates (DESIGN.md), the code takes the route that is right on both.
 """
 import logging
 import time
-from typing import Callable, Iterable, Optional, Tuple, Union
+from typing import Callable, Iterable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -179,10 +179,12 @@ class WriteToKafka(beam.PTransform):
 
 
 def produce_messages(config: KafkaConfig, topic: str,
-                     messages: Iterable[Tuple[Optional[Union[str, bytes]], Optional[bytes], Optional[int]]],
+                     messages: Iterable[Tuple],
                      rate: Optional[float] = None, progress: Optional[Callable[[int, float], None]] = None,
                      progress_interval_s: float = 1.0, flush_timeout_s: float = 60.0) -> int:
   """Produces ``(key, value, timestamp_ms)`` triples to ``topic``; returns how many were acknowledged.
+
+  A 4-tuple ``(key, value, timestamp_ms, other_topic)`` goes to ``other_topic``.
 
   ``rate`` paces the sending at that many messages per second (from the
   start, so a slow moment is caught up); ``None`` sends as fast as the broker
@@ -199,12 +201,14 @@ def produce_messages(config: KafkaConfig, topic: str,
   began = time.monotonic()
   next_report = began + progress_interval_s
   sent = 0
-  for key, value, timestamp_ms in messages:
+  for item in messages:
+    key, value, timestamp_ms = item[:3]
+    to = item[3] if len(item) > 3 else topic
     if rate is not None:
       ahead = began + sent / rate - time.monotonic()
       if ahead > 0:
         producer.poll(ahead)  # waits while serving delivery reports
-    _produce(producer, topic, value, key, timestamp_ms, tracker)
+    _produce(producer, to, value, key, timestamp_ms, tracker)
     sent += 1
     if sent % 1000 == 0:
       producer.poll(0)

@@ -17,12 +17,14 @@ position with its expected dead-letter reason in ``OUT/corrupted.json``.
 """
 import datetime
 import hashlib
+import heapq
 import hmac
+import io
 import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import fastavro
 import numpy as np
@@ -192,9 +194,47 @@ def _messages(directory: str):
         yield None, message, None
 
 
+def _keyed(directory: str, subject: str, time_field: str) -> Iterator[Tuple[int, Optional[str], bytes]]:
+  """(time, customer key, message) of each message under ``directory``, in file order.
+
+  A damaged message cannot be read: it keeps the time of the one before it and
+  goes out without a key.
+  """
+  registry = schema_registry.FileSchemaRegistry()
+  _, reader_json = registry.latest(subject)
+  reader = schema_registry.parse(reader_json)
+  last = 0
+  for _, message, _ in _messages(directory):
+    key = None
+    try:
+      schema_id, body = wire.split_header(message)
+      record = fastavro.schemaless_reader(io.BytesIO(body), registry.parsed(schema_id), reader)
+      last, key = record[time_field], str(record["customer_id"])
+    except Exception:  # pylint: disable=broad-except  # damaged on purpose (--corrupt_fraction)
+      pass
+    yield last, key, message
+
+
+def timeline(out: str, topic: str, labels_topic: Optional[str]):
+  """``(key, value, None, topic)`` of every transaction, and label when ``labels_topic`` is set, in time order.
+
+  Transactions at their event time, labels at their label time (when the
+  chargeback becomes known), so a live consumer sees a label no earlier than a
+  real one would arrive. Keys are the customer id: one customer's
+  transactions stay in one partition, in order.
+  """
+  streams = [((t, 1, key, m, topic) for t, key, m in
+              _keyed(os.path.join(out, "transactions"), schema_registry.TRANSACTION_SUBJECT, "event_time"))]
+  if labels_topic:
+    streams.append(((t, 0, key, m, labels_topic) for t, key, m in
+                    _keyed(os.path.join(out, "labels"), schema_registry.LABEL_SUBJECT, "label_time")))
+  for _, _, key, message, to in heapq.merge(*streams, key=lambda item: item[:2]):
+    yield key, message, None, to
+
+
 def produce_to_kafka(out: str, bootstrap_servers: str, topic: str, labels_topic: Optional[str] = None,
                      partitions: int = 3, rate: Optional[float] = None) -> dict:
-  """Produces what ``generate`` wrote under ``out`` to Kafka, in event-time order, at ``rate`` msgs/s.
+  """Produces what ``generate`` wrote under ``out`` to Kafka in time order (``timeline``), at ``rate`` msgs/s.
 
   Transactions go to ``topic`` (damaged ones included, as written), labels to
   ``labels_topic``. Record timestamps are the produce times, so a consumer can
@@ -203,15 +243,12 @@ def produce_to_kafka(out: str, bootstrap_servers: str, topic: str, labels_topic:
   from txstream.io import kafka
   config = kafka.KafkaConfig.from_env(bootstrap_servers=bootstrap_servers, topic=topic)
   kafka.ensure_topic(config, topic, num_partitions=partitions)
+  if labels_topic:
+    kafka.ensure_topic(config, labels_topic, num_partitions=1)
   start = time.monotonic()
 
   def progress(sent, elapsed_s):
     _LOGGER.info("produced %d messages in %.0f s", sent, elapsed_s)
 
-  produced = {topic: kafka.produce_messages(config, topic, _messages(os.path.join(out, "transactions")),
-                                            rate=rate, progress=progress)}
-  if labels_topic:
-    kafka.ensure_topic(config, labels_topic, num_partitions=1)
-    produced[labels_topic] = kafka.produce_messages(config, labels_topic, _messages(os.path.join(out, "labels")))
-  produced["seconds"] = round(time.monotonic() - start, 2)
-  return produced
+  sent = kafka.produce_messages(config, topic, timeline(out, topic, labels_topic), rate=rate, progress=progress)
+  return {"messages": sent, "seconds": round(time.monotonic() - start, 2)}
