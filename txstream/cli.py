@@ -92,6 +92,12 @@ def _run_parser(sub):
   p.add_argument("-h", "--help", action="store_true")
 
 
+def _stream_parser(sub):
+  p = sub.add_parser("stream", help="Run the graph live from Kafka until Ctrl-C (or --duration_s).",
+                     add_help=False, description="All standard Beam flags pass through.")
+  p.add_argument("-h", "--help", action="store_true")
+
+
 def _train_parser(sub):
   p = sub.add_parser("train", help="Compute features with the pipeline and train the XGBoost model.",
                      description="Features are computed once by the pipeline's own transforms, then split by day. "
@@ -118,14 +124,22 @@ def _train_parser(sub):
                       "validation folds (best average precision) before testing.")
 
 
-def _run_help():
+def _run_help(command: str = "run"):
   import txstream.config.options as o
-  parser = argparse.ArgumentParser(prog="txstream run", description=(
-      "Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
-      "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also applies."))
   from txstream.io.kafka_config import KafkaOptions
+  if command == "stream":
+    description = ("Run the graph live from Kafka: on the DirectRunner the live hot path (one fused stage, "
+                   "feature state in the worker, offsets committed after the tiers), on --runner FlinkRunner/"
+                   "DataflowRunner/PrismRunner the full streaming graph. Stops cleanly on Ctrl-C.")
+    groups = (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.LiveOptions)
+  else:
+    description = ("Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
+                   "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also "
+                   "applies.")
+    groups = (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions)
+  parser = argparse.ArgumentParser(prog=f"txstream {command}", description=description)
   parser.add_argument("--bootstrap_servers", help="Kafka brokers host:port[,...] (with --topic instead of --input).")
-  for cls in (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions):
+  for cls in groups:
     cls._add_argparse_args(parser.add_argument_group(cls.__name__))  # pylint: disable=protected-access
   parser.print_help()
 
@@ -134,9 +148,10 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
-  sub = parser.add_subparsers(dest="command", metavar="{generate,run,train,services}")
+  sub = parser.add_subparsers(dest="command", metavar="{generate,run,stream,train,services}")
   _generate_parser(sub)
   _run_parser(sub)
+  _stream_parser(sub)
   _train_parser(sub)
   services.add_parser(sub)
   try:
@@ -148,6 +163,11 @@ def main(argv=None) -> int:
         _run_help()
         return 0
       return _run(argv[1:])
+    if argv[0] == "stream":
+      if "-h" in argv[1:] or "--help" in argv[1:]:
+        _run_help("stream")
+        return 0
+      return _stream(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "generate":
       return _generate(args)
@@ -169,7 +189,8 @@ def _config_errors():
   from txstream.pipelines.run import ConfigError
   from txstream.io.sinks import SinkConfigError
   from txstream.transforms.rules import RulesError
-  return (ConfigError, ModelError, RulesError, SinkConfigError)
+  from txstream.io.kafka_config import KafkaConfigError
+  return (ConfigError, ModelError, RulesError, SinkConfigError, KafkaConfigError)
 
 
 def _run(argv) -> int:
@@ -177,6 +198,18 @@ def _run(argv) -> int:
   try:
     options = pipeline_options(argv)
     summary = run_lib.run(options=options)
+  except _config_errors() as e:
+    raise UsageError(str(e)) from e
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  return 0
+
+
+def _stream(argv) -> int:
+  from txstream.pipelines import stream as stream_lib
+  logging.getLogger("txstream").setLevel(logging.INFO)
+  try:
+    options = pipeline_options(argv)
+    summary = stream_lib.stream(options)
   except _config_errors() as e:
     raise UsageError(str(e)) from e
   print(json.dumps(summary, indent=2, sort_keys=True))

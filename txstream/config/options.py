@@ -66,3 +66,18 @@ class RunOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument("--summary_json", default=None, help="Write the run summary here (also printed).")
+
+
+class LiveOptions(PipelineOptions):
+  """``txstream stream`` only."""
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--duration_s", type=float, default=None,
+                        help="Stop after this many seconds, as Ctrl-C would (default: run until stopped).")
+    parser.add_argument("--warmup", default="history", choices=("history", "none"),
+                        help="history: rebuild the feature state from the topics' records below the committed "
+                             "offsets before deciding (default); none: start with empty state.")
+    parser.add_argument("--progress_interval_s", type=float, default=10.0,
+                        help="Log decisions/s and produce-to-decision latency this often.")
+    parser.add_argument("--live_batch_size", type=int, default=256,
+                        help="Score at most this many transactions per model call.")

@@ -197,6 +197,14 @@ class KafkaOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument("--topic", default=None, help="Kafka topic of the transactions.")
+    parser.add_argument("--labels_topic", default=None,
+                        help="Kafka topic of the fraud labels (chargebacks), for the terminal risk features.")
+    parser.add_argument("--decisions_topic", default=None,
+                        help="Write decisions (JSON, key = transaction id) here; `txstream stream` default: "
+                             "TOPIC.decisions.")
+    parser.add_argument("--dead_letter_topic", default=None,
+                        help="Write dead letters (JSON, key = source position) here; `txstream stream` default: "
+                             "TOPIC.dead_letters.")
     parser.add_argument("--group_id", default=None,
                         help="Kafka consumer group whose committed offsets a run starts from (default txstream).")
     parser.add_argument("--kafka_io", default="native", choices=("native", "xlang"),

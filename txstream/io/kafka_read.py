@@ -297,6 +297,28 @@ class ReadFromKafkaNative(beam.PTransform):
             | "ReadPartitions" >> beam.ParDo(fn).with_output_types(RawRecord))
 
 
+class ReadPartitionsLive(beam.PTransform):
+  """``{(topic, partition): start offset}`` -> PCollection[RawRecord], read live (unbounded).
+
+  The same reader as ``ReadFromKafkaNative``, over partitions of several
+  topics at once (the live hot path reads transactions and labels together).
+  """
+  def __init__(self, config: KafkaConfig, starts: Mapping[Tuple[str, int], int], batch_size: int = 5000,
+               poll_timeout_s: float = 0.02, checkpoint_interval_s: float = 0.5, watermark_delay_ms: int = 0):
+    super().__init__()
+    if not starts:
+      raise ValueError("ReadPartitionsLive needs at least one partition")
+    self._config = config
+    self._elements = [(topic, p, int(start), UNBOUNDED) for (topic, p), start in sorted(starts.items())]
+    self._fn_args = (batch_size, poll_timeout_s, checkpoint_interval_s, watermark_delay_ms)
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "Partitions" >> beam.Create(self._elements)
+            | "ReadPartitions" >> beam.ParDo(_ReadLivePartitionFn(self._config, *self._fn_args))
+            .with_output_types(RawRecord))
+
+
 def _to_raw(row) -> RawRecord:
   value = row.value
   return RawRecord(f"{row.topic}/{row.partition}@{row.offset}", None if value is None else bytes(value))

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import math
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -39,6 +39,33 @@ def reference_version(reference_dir: str) -> str:
   return digest.hexdigest()[:16]
 
 
+def load_reference(reference_dir: str) -> Tuple[dict, dict]:
+  """The reference files as the dicts ``enrich`` takes, read in this process (the live hot path)."""
+  import fastavro
+  tables = []
+  for name, key, fields in (("customers.avro", "customer_id", ("home_x", "home_y", "segment")),
+                            ("terminals.avro", "terminal_id", ("x", "y", "merchant_category"))):
+    with FileSystems.open(FileSystems.join(reference_dir, name)) as f:
+      tables.append({r[key]: tuple(r[k] for k in fields) for r in fastavro.reader(f)})
+  return tables[0], tables[1]
+
+
+def enrich(tx: Transaction, customers, terminals, version: str) -> Optional[Transaction]:
+  """``tx`` with segment, home distance and reference version; None when its customer is not on file."""
+  customer = customers.get(tx.customer_id)
+  if customer is None:
+    return None
+  terminal = terminals.get(tx.terminal_id)
+  distance = None
+  if terminal is not None:
+    distance = round(math.hypot(customer[0] - terminal[0], customer[1] - terminal[1]), 3)
+  return tx._replace(customer_segment=customer[2], home_distance=distance, reference_version=version)
+
+
+def unknown_customer(tx: Transaction) -> DeadLetter:
+  return dead_letter(tx.source, None, STAGE, "unknown_customer", message=f"customer {tx.customer_id} is not on file")
+
+
 class _EnrichFn(beam.DoFn):
   def __init__(self, version: str):
     self._version = version
@@ -46,19 +73,14 @@ class _EnrichFn(beam.DoFn):
     self._dead = Metrics.counter(NAMESPACE, f"dead_letter.{STAGE}.unknown_customer")
 
   def process(self, tx: Transaction, customers, terminals):
-    customer = customers.get(tx.customer_id)
-    if customer is None:
+    enriched = enrich(tx, customers, terminals, self._version)
+    if enriched is None:
       self._dead.inc()
-      yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-          tx.source, None, STAGE, "unknown_customer", message=f"customer {tx.customer_id} is not on file"))
+      yield beam.pvalue.TaggedOutput(DEAD, unknown_customer(tx))
       return
-    terminal = terminals.get(tx.terminal_id)
-    distance = None
-    if terminal is None:
+    if enriched.home_distance is None:
       self._unknown_terminal.inc()
-    else:
-      distance = round(math.hypot(customer[0] - terminal[0], customer[1] - terminal[1]), 3)
-    yield tx._replace(customer_segment=customer[2], home_distance=distance, reference_version=self._version)
+    yield enriched
 
 
 class Enrich(beam.PTransform):

@@ -55,7 +55,7 @@ class FeaturesResult(NamedTuple):
   dead_letters: beam.PCollection
 
 
-def _fingerprint(tx: Transaction) -> int:
+def fingerprint(tx: Transaction) -> int:
   # crc32, not hash(): str hashes differ between worker processes.
   return zlib.crc32(repr((tx.event_time_ms, tx.customer_id, tx.terminal_id, tx.card_token, tx.amount_minor,
                           tx.currency)).encode())
@@ -190,7 +190,7 @@ class _CustomerLogic:
                        message=f"event at {tx.event_time_ms} after customer processed to {done_up_to}")
 
   def apply(self, history: CustomerHistory, tx: Transaction):
-    repeat = history.is_duplicate(tx.transaction_id, tx.event_time_ms, _fingerprint(tx))
+    repeat = history.is_duplicate(tx.transaction_id, tx.event_time_ms, fingerprint(tx))
     if repeat == "duplicate":
       Metrics.counter(NAMESPACE, "filtered.duplicate").inc()
       yield beam.pvalue.TaggedOutput(FILTERED, (repeat, tx))

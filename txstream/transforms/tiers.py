@@ -61,6 +61,46 @@ def dead_letter_json(letter: DeadLetter) -> str:
   }, sort_keys=True)
 
 
+def decision_json(d: Decision) -> str:
+  """A decision as one JSON object (the decisions topic's message value; key: the transaction id)."""
+  t = d.transaction
+  return json.dumps({
+      "transaction_id": t.transaction_id, "event_time_ms": t.event_time_ms, "customer_id": t.customer_id,
+      "terminal_id": t.terminal_id, "card_token": t.card_token, "amount_minor": t.amount_minor,
+      "currency": t.currency, "decision": d.decision, "score": d.score, "reason_codes": list(d.reason_codes),
+      "model_version": d.model_version, "pipeline_version": d.pipeline_version, "decided_at_ms": d.decided_at_ms,
+      "source": t.source,
+  }, sort_keys=True)
+
+
+def _decision_message(d: Decision):
+  return d.transaction.transaction_id, decision_json(d).encode()
+
+
+def _dead_letter_message(letter: DeadLetter):
+  return letter.source, dead_letter_json(letter).encode()
+
+
+class _WriteJsonToKafka(beam.PTransform):
+  def __init__(self, config, topic: str, to_message):
+    super().__init__()
+    self._config, self._topic, self._to_message = config, topic, to_message
+
+  def expand(self, rows):
+    from txstream.io.kafka import WriteToKafka
+    return rows | "ToMessage" >> beam.Map(self._to_message) | "Write" >> WriteToKafka(self._config, self._topic)
+
+
+def WriteDecisionsToKafka(config, topic: str) -> beam.PTransform:  # pylint: disable=invalid-name
+  """Decisions -> ``topic`` as JSON keyed by transaction id (at least once: consumers dedupe on the key)."""
+  return _WriteJsonToKafka(config, topic, _decision_message)
+
+
+def WriteDeadLettersToKafka(config, topic: str) -> beam.PTransform:  # pylint: disable=invalid-name
+  """DeadLetters -> ``topic`` as JSON (raw bytes in base64) keyed by source position."""
+  return _WriteJsonToKafka(config, topic, _dead_letter_message)
+
+
 class _WriteDeadLettersFn(beam.DoFn):
   def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
     self._name = "{stage}.jsonl" if file_tag == "00000" else "{stage}-" + file_tag + ".jsonl"

@@ -56,7 +56,7 @@ def validate_transaction(record: dict) -> Optional[InvalidRecord]:
   return None
 
 
-class _Decoder:
+class Decoder:
   """Resolves schema ids of one subject and decodes bodies against the reader schema."""
   def __init__(self, registry: schema_registry.SchemaRegistry, subject: str):
     self._registry = registry
@@ -92,6 +92,29 @@ class _Decoder:
     return schema_id, record
 
 
+def decoder(registry_url: Optional[str], subject: str = schema_registry.TRANSACTION_SUBJECT) -> Decoder:
+  """A decoder of ``subject`` (transactions by default) against the registry at ``registry_url``."""
+  return Decoder(schema_registry.make_registry(registry_url), subject)
+
+
+def to_transaction(transactions: Decoder, raw: RawRecord) -> Transaction:
+  """The valid Transaction in ``raw``; raises ``WireFormatError`` or ``InvalidRecord`` (both with ``reason``)."""
+  schema_id, r = transactions.decode(raw.value)
+  problem = validate_transaction(r)
+  if problem is not None:
+    raise problem
+  return Transaction(
+      r["transaction_id"], r["event_time"], r["customer_id"], r["terminal_id"], r["card_token"],
+      r["amount_minor"], r["currency"], r["entry_mode"], r["merchant_category"], schema_id, raw.source)
+
+
+def to_label(labels: Decoder, raw: RawRecord) -> Label:
+  """The Label in ``raw``; raises ``WireFormatError`` or ``InvalidRecord`` (both with ``reason``)."""
+  _, r = labels.decode(raw.value)
+  return Label(r["transaction_id"], r["label_time"], r["tx_time"], r["customer_id"], r["terminal_id"],
+               r["is_fraud"])
+
+
 class _DecodeFn(beam.DoFn):
   def __init__(self, registry_url: Optional[str]):
     self._registry_url = registry_url
@@ -99,8 +122,7 @@ class _DecodeFn(beam.DoFn):
     self._dead = {}
 
   def setup(self):
-    self._decoder = _Decoder(schema_registry.make_registry(self._registry_url),
-                             schema_registry.TRANSACTION_SUBJECT)
+    self._decoder = decoder(self._registry_url)
 
   def _dead_letter(self, raw: RawRecord, reason: str, error: Exception):
     counter = self._dead.get(reason)
@@ -111,17 +133,12 @@ class _DecodeFn(beam.DoFn):
 
   def process(self, raw: RawRecord):
     try:
-      schema_id, r = self._decoder.decode(raw.value)
-      problem = validate_transaction(r)
-      if problem is not None:
-        raise problem
+      tx = to_transaction(self._decoder, raw)
     except (wire.WireFormatError, InvalidRecord) as e:
       yield self._dead_letter(raw, e.reason, e)
       return
     self._valid.inc()
-    yield Transaction(
-        r["transaction_id"], r["event_time"], r["customer_id"], r["terminal_id"], r["card_token"],
-        r["amount_minor"], r["currency"], r["entry_mode"], r["merchant_category"], schema_id, raw.source)
+    yield tx
 
 
 class DecodeAndValidate(beam.PTransform):
@@ -144,18 +161,16 @@ class _DecodeLabelFn(beam.DoFn):
     self._dead = Metrics.counter(NAMESPACE, "label_dead_letter.decode")
 
   def setup(self):
-    self._decoder = _Decoder(schema_registry.make_registry(self._registry_url),
-                             schema_registry.LABEL_SUBJECT)
+    self._decoder = decoder(self._registry_url, schema_registry.LABEL_SUBJECT)
 
   def process(self, raw: RawRecord):
     try:
-      _, r = self._decoder.decode(raw.value)
+      label = to_label(self._decoder, raw)
     except (wire.WireFormatError, InvalidRecord) as e:
       self._dead.inc()
       yield beam.pvalue.TaggedOutput(DEAD, dead_letter(raw.source, raw.value, "decode_label", e.reason, e))
       return
-    yield Label(r["transaction_id"], r["label_time"], r["tx_time"], r["customer_id"], r["terminal_id"],
-                r["is_fraud"])
+    yield label
 
 
 class DecodeLabels(beam.PTransform):
