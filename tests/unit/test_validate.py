@@ -23,6 +23,7 @@ def test_good_and_bad_messages():
       h.raw(8, h.message(h.tx_record(9, h.T0, amount=0))),
       h.raw(9, h.message(h.tx_record(10, h.T0, currency="XXX"))),
       h.raw(10, good_v2 + b"\x00\x01"),
+      h.raw(11, good_v2 + b"\x00" * (64 << 10)),
   ]
   with TestPipeline() as p:
     out = p | beam.Create(inputs) | DecodeAndValidate()
@@ -38,7 +39,8 @@ def test_good_and_bad_messages():
                           ("test.wire#7", "decode", "truncated_header"),
                           ("test.wire#8", "decode", "invalid_amount"),
                           ("test.wire#9", "decode", "invalid_currency"),
-                          ("test.wire#10", "decode", "trailing_bytes")]),
+                          ("test.wire#10", "decode", "trailing_bytes"),
+                          ("test.wire#11", "decode", "oversized_message")]),
                 label="dead")
     assert_that(out.dead_letters | "RawKept" >> beam.Map(lambda d: d.raw is not None or d.reason == "null_value"),
-                equal_to([True] * 9), label="raw_kept")
+                equal_to([True] * 10), label="raw_kept")

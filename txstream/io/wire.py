@@ -20,6 +20,9 @@ HEADER = struct.Struct(">bI")
 FRAME = struct.Struct(">I")
 # A single event is a few hundred bytes; anything near this is damage, not data.
 MAX_FRAME_BYTES = 1 << 20
+# A transaction or label is a few hundred bytes; a message this large is an
+# upstream fault, refused before any decoding work.
+MAX_MESSAGE_BYTES = 64 << 10
 FILE_MAGIC = b"TXSW1\n"
 
 
@@ -45,6 +48,8 @@ def split_header(message: bytes) -> Tuple[int, memoryview]:
   """Returns (schema_id, avro_body); raises WireFormatError on a bad header."""
   if message is None:
     raise WireFormatError("null_value", "message has no value")
+  if len(message) > MAX_MESSAGE_BYTES:
+    raise WireFormatError("oversized_message", f"message of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}")
   if len(message) < HEADER.size:
     raise WireFormatError(
         "truncated_header", f"message of {len(message)} bytes is shorter than the 5-byte header")

@@ -4,6 +4,7 @@
 output PCollections, so tests can swap any source (``Create``, ``TestStream``)
 and check any stage. Nothing here runs the pipeline.
 """
+import dataclasses
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
-from txstream.io.kafka_read import ReadTransactionsFromKafka
+from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka
 from txstream.records import DeadLetter, RawRecord
 from txstream.transforms.enrich import Enrich, ReadReference, reference_version
 from txstream.transforms.features import ComputeFeatures
@@ -98,6 +99,14 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
     raw, read_dead = read.records, [read.dead_letters]
   raw_labels = sources.raw_labels
   label_dead = []
+  labels_topic = options.view_as(KafkaOptions).labels_topic
+  if raw_labels is None and labels_topic and not src.input:
+    # Every label so far (bounded: up to the end when the run starts): a run's
+    # terminal features need the frauds known before its first transaction.
+    streaming = options.view_as(StandardOptions).streaming
+    config = dataclasses.replace(KafkaConfig.from_options(options), topic=labels_topic)
+    raw_labels = pipeline | "ReadLabelsFromKafka" >> ReadFromKafkaNative(
+        config, start="earliest", stop_at=None if streaming else "end")
   if raw_labels is None and src.input:
     labels_read = pipeline | "ReadLabels" >> ReadLabels(src.input)
     raw_labels, label_dead = labels_read.records, [labels_read.dead_letters]
@@ -164,6 +173,14 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
   if tiers.dead_letter_path:
     written["dead_letters"] = all_dead | "WriteDeadLetters" >> WriteDeadLetters(tiers.dead_letter_path,
                                                                               file_tag=file_tag)
+  kafka_flags = options.view_as(KafkaOptions)
+  if kafka_flags.decisions_topic or kafka_flags.dead_letter_topic:
+    from txstream.transforms.tiers import WriteDeadLettersToKafka, WriteDecisionsToKafka
+    config = KafkaConfig.from_options(options)
+    if kafka_flags.decisions_topic:
+      decisions | "DecisionsToKafka" >> WriteDecisionsToKafka(config, kafka_flags.decisions_topic)
+    if kafka_flags.dead_letter_topic:
+      all_dead | "DeadLettersToKafka" >> WriteDeadLettersToKafka(config, kafka_flags.dead_letter_topic)
   if tiers.postgres_dsn:
     from txstream.io.postgres_sink import WriteDeadLettersToPostgres
     written["warm_dead_letters"] = (

@@ -125,15 +125,13 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   return decide, starts, decide_from
 
 
-def build_streaming_graph(pipeline: beam.Pipeline, options, config: KafkaConfig, write_tiers: WriteTiers):
+def build_streaming_graph(pipeline: beam.Pipeline, options, write_tiers: WriteTiers):
   """The full graph, streaming, for Flink/Dataflow/Prism; decisions and dead letters also to Kafka."""
   from txstream.pipelines.graph import build_graph
   _, _, decisions_topic, dead_topic = topics(options)
-  outputs = build_graph(pipeline, options, write_tiers=write_tiers)
-  outputs.decisions | "DecisionsToKafka" >> WriteDecisionsToKafka(config, decisions_topic)
-  dead = ((outputs.dead_letters, outputs.label_dead_letters) | "AllDeadLetters" >> beam.Flatten())
-  dead | "DeadLettersToKafka" >> WriteDeadLettersToKafka(config, dead_topic)
-  return outputs
+  flags = options.view_as(KafkaOptions)
+  flags.decisions_topic, flags.dead_letter_topic = decisions_topic, dead_topic
+  return build_graph(pipeline, options, write_tiers=write_tiers)
 
 
 def _stop_after(seconds: float) -> threading.Timer:
@@ -171,7 +169,7 @@ def stream(options: PipelineOptions) -> dict:
   else:
     options.view_as(StandardOptions).streaming = True
     pipeline = beam.Pipeline(options=options)
-    build_streaming_graph(pipeline, options, config, write_tiers)
+    build_streaming_graph(pipeline, options, write_tiers)
   duration = options.view_as(LiveOptions).duration_s
   timer = _stop_after(duration) if duration else None
   stopped_by = "end of input"
