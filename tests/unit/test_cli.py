@@ -19,7 +19,7 @@ def _one_line_error(capsys, argv):
   return err
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["run"], ["train"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["run"], ["stream"], ["train"]])
 def test_help(command):
   done = subprocess.run(TXSTREAM + command + ["--help"], capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode == 0, done.stderr
@@ -87,3 +87,43 @@ def test_console_script_error_has_no_traceback(tmp_path):
                         timeout=120, check=False, env=dict(os.environ, PYTHONWARNINGS="ignore"))
   assert done.returncode == 2
   assert done.stderr.strip().splitlines() == [f"txstream: error: --input {tmp_path / 'absent'}: no such directory"]
+
+
+def test_stream_help_lists_live_flags(capsys):
+  assert cli.main(["stream", "--help"]) == 0
+  out = capsys.readouterr().out
+  for flag in ("--topic", "--labels_topic", "--decisions_topic", "--duration_s", "--warmup", "--redis_url"):
+    assert flag in out
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], "--topic"),
+    (["--topic=t", "--reference_dir=/no/such/dir"], "--reference_dir"),
+    (["--topic=t", "--input=x"], "--input"),
+    (["--topic=t", "--reference_dir=.", "--kafka_stop_at=end"], "bounded"),
+    (["--topic=t", "--reference_dir=.", "--kafka_io=xlang"], "xlang"),
+    (["--topic=t", "--reference_dir=.", "--direct_num_workers=2"], "one worker"),
+    (["--topic=t", "--reference_dir=.", "--duration_s=0"], "--duration_s"),
+])
+def test_stream_config_errors_are_one_line(capsys, argv, expected):
+  assert expected in _one_line_error(capsys, ["stream"] + argv)
+
+
+def test_streaming_graph_for_other_runners_builds_with_kafka_sources_and_sinks(tmp_path):
+  """Flink/Dataflow get the full graph in streaming mode (built here, not run: no such runner on CI)."""
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import StandardOptions
+  from txstream.pipelines import generate, stream
+  data = str(tmp_path / "g")
+  generate.generate(data, customers=5, terminals=10, days=1, start=generate.datetime.date(2018, 4, 1), seed=1)
+  options = cli.pipeline_options(["--runner=FlinkRunner", "--topic=t", "--labels_topic=t.labels",
+                                  f"--reference_dir={data}/reference", "--bootstrap_servers=127.0.0.1:1",
+                                  "--no_cold", "--dead_letter_path="])
+  options.view_as(StandardOptions).streaming = True
+  pipeline = beam.Pipeline(options=options)
+  with pytest.MonkeyPatch.context() as mp:  # no broker here: the read's partitions are resolved lazily
+    from txstream.io import kafka_read
+    mp.setattr(kafka_read, "resolve_ranges", lambda *a, **k: {0: (0, kafka_read.UNBOUNDED)})
+    stream.build_streaming_graph(pipeline, options, stream.live_tiers(options))
+  labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
+  assert {"ReadTransactionsFromKafka", "ReadLabelsFromKafka", "DecisionsToKafka", "DeadLettersToKafka"} <= labels
