@@ -81,3 +81,8 @@ class LiveOptions(PipelineOptions):
                         help="Log decisions/s and produce-to-decision latency this often.")
     parser.add_argument("--live_batch_size", type=int, default=256,
                         help="Score at most this many transactions per model call.")
+    parser.add_argument("--live_max_delay_ms", type=int, default=20,
+                        help="Score a partial batch once its oldest transaction has waited this long.")
+    parser.add_argument("--live_checkpoint_ms", type=int, default=50,
+                        help="The reader ends a bundle (sinks flush, offsets commit) at least this often "
+                             "per partition.")

@@ -95,20 +95,19 @@ class _ReadPartitionFn(beam.DoFn):
     self._poll_timeout_s = poll_timeout_s
     self._checkpoint_interval_s = checkpoint_interval_s
     self._delay = Duration(micros=watermark_delay_ms * 1000)
+    # One consumer per partition this instance reads, each assigned to its
+    # partition once, so a resumed partition goes on with what librdkafka
+    # already prefetched instead of fetching again after a reassignment.
+    self._consumers = {}
+    # (topic, partition) -> the offset its consumer is at and has delivered nothing past.
+    self._assigned: Dict[Tuple[str, int], int] = {}
     self._consumer = None
-    # (topic, partition, offset) the consumer is assigned at and has delivered nothing past; kept between
-    # calls so a resumed partition goes on with what librdkafka already prefetched.
-    self._assigned: Optional[Tuple[str, int, int]] = None
     self._read = {}
 
-  def setup(self):
-    from confluent_kafka import Consumer
-    self._consumer = Consumer(self._config.consumer_config())
-
   def teardown(self):
-    if self._consumer is not None:
-      self._consumer.close()
-      self._consumer = None
+    for consumer in self._consumers.values():
+      consumer.close()
+    self._consumers, self._assigned, self._consumer = {}, {}, None
 
   def _counter(self, topic: str):
     if topic not in self._read:
@@ -116,10 +115,15 @@ class _ReadPartitionFn(beam.DoFn):
     return self._read[topic]
 
   def _assign(self, topic: str, partition: int, offset: int) -> None:
-    if self._assigned != (topic, partition, offset):
-      from confluent_kafka import TopicPartition
-      self._consumer.assign([TopicPartition(topic, partition, offset)])
-    self._assigned = None  # until this call ends with the consumer exactly at the next unread offset
+    """Makes ``self._consumer`` the partition's consumer, positioned at ``offset``."""
+    from confluent_kafka import Consumer, TopicPartition
+    consumer = self._consumers.get((topic, partition))
+    if consumer is None:
+      consumer = self._consumers[(topic, partition)] = Consumer(self._config.consumer_config())
+    if self._assigned.pop((topic, partition), None) != offset:
+      consumer.assign([TopicPartition(topic, partition, offset)])
+    # Not in _assigned until this call ends with the consumer exactly at the next unread offset.
+    self._consumer = consumer
 
   def _poll(self):
     """Whatever is prefetched, else waits up to ``poll_timeout_s`` for the first record (consume(n, t)
@@ -172,6 +176,7 @@ class _ReadPartitionFn(beam.DoFn):
           if not tracker.try_claim(offset):
             # The rest belongs to a split-off residual or lies past a bounded stop.
             counter.inc(emitted)
+            self._consumers.pop((topic, partition)).close()  # it has prefetched past the split; start afresh
             return
           kind, timestamp_ms = message.timestamp()
           if kind == 0:  # TIMESTAMP_NOT_AVAILABLE: a pre-0.10 record; processing time is all there is
@@ -186,7 +191,7 @@ class _ReadPartitionFn(beam.DoFn):
         if newest is not None:
           _advance(watermark_estimator, Timestamp(micros=newest * 1000) - self._delay)
         if next_offset >= tracker.current_restriction().stop:
-          self._assigned = (topic, partition, next_offset)
+          self._assigned[(topic, partition)] = next_offset
           return
       else:
         end = self._end(topic, partition)
@@ -194,7 +199,7 @@ class _ReadPartitionFn(beam.DoFn):
         if caught_up:
           _advance(watermark_estimator, Timestamp.now() - self._delay)
         if live and caught_up:
-          self._assigned = (topic, partition, next_offset)
+          self._assigned[(topic, partition)] = next_offset
           tracker.defer_remainder()
           return
         stop = tracker.current_restriction().stop
@@ -206,7 +211,7 @@ class _ReadPartitionFn(beam.DoFn):
             tracker.try_claim(stop)
             return
       if live and time.monotonic() >= checkpoint_at:
-        self._assigned = (topic, partition, next_offset)  # every record polled so far was handled
+        self._assigned[(topic, partition)] = next_offset  # every record polled so far was handled
         tracker.defer_remainder()
         return
 

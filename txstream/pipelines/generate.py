@@ -215,8 +215,11 @@ def _keyed(directory: str, subject: str, time_field: str) -> Iterator[Tuple[int,
     yield last, key, message
 
 
-def timeline(out: str, topic: str, labels_topic: Optional[str]):
+def timeline(out: str, topic: str, labels_topic: Optional[str], start_ms: Optional[int] = None,
+             stop_ms: Optional[int] = None):
   """``(key, value, None, topic)`` of every transaction, and label when ``labels_topic`` is set, in time order.
+
+  ``start_ms``/``stop_ms`` keep only what falls in [start_ms, stop_ms).
 
   Transactions at their event time, labels at their label time (when the
   chargeback becomes known), so a live consumer sees a label no earlier than a
@@ -228,8 +231,9 @@ def timeline(out: str, topic: str, labels_topic: Optional[str]):
   if labels_topic:
     streams.append(((t, 0, key, m, labels_topic) for t, key, m in
                     _keyed(os.path.join(out, "labels"), schema_registry.LABEL_SUBJECT, "label_time")))
-  for _, _, key, message, to in heapq.merge(*streams, key=lambda item: item[:2]):
-    yield key, message, None, to
+  for t, _, key, message, to in heapq.merge(*streams, key=lambda item: item[:2]):
+    if (start_ms is None or t >= start_ms) and (stop_ms is None or t < stop_ms):
+      yield key, message, None, to
 
 
 def produce_to_kafka(out: str, bootstrap_servers: str, topic: str, labels_topic: Optional[str] = None,

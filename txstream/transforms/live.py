@@ -92,8 +92,12 @@ class _DecideLiveFn(beam.DoFn):
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str],
                rules_path: Optional[str], registry_url: Optional[str], delay_days: int, batch_size: int,
-               progress_interval_s: float):
+               progress_interval_s: float, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
+               max_delay_ms: int = 20):
     self._config = config
+    self._max_delay_s = max_delay_ms / 1000.0
+    # Partitions with history to replay before their first decision.
+    self._replay = {tp for tp, start in (read_from or {}).items() if start < decide_from.get(tp, 0)}
     self._transactions_topic = transactions_topic
     self._labels_topic = labels_topic
     self._decide_from = dict(decide_from)
@@ -128,6 +132,10 @@ class _DecideLiveFn(beam.DoFn):
     self._committer = Consumer(self._config.consumer_config())
     self._progress = _Progress(self._progress_interval_s)
     self._dead_counters = {}
+    self._replaying = set(self._replay)
+    self._replay_began = time.monotonic()
+    if not self._replaying:
+      _LOGGER.info("live: no feature history to replay; deciding")
 
   def teardown(self):
     committer, self._committer = getattr(self, "_committer", None), None
@@ -154,10 +162,15 @@ class _DecideLiveFn(beam.DoFn):
       finalizer.register(functools.partial(self._commit, self._offsets))
       self._finalizer_registered = True
     self._offsets[(topic, partition)] = offset + 1
-    history = offset < self._decide_from.get((topic, partition), 0)
+    decide_from = self._decide_from.get((topic, partition), 0)
+    history = offset < decide_from
     if history:
       self._replayed.inc()
       self._progress.replayed()
+      if offset + 1 == decide_from and (topic, partition) in self._replaying:
+        self._replaying.discard((topic, partition))
+        if not self._replaying:
+          _LOGGER.info("live: feature history replayed in %.1f s; deciding", time.monotonic() - self._replay_began)
     if topic == self._labels_topic:
       yield from self._label(raw, history)
       return
@@ -191,8 +204,13 @@ class _DecideLiveFn(beam.DoFn):
     featured = assemble(tx, customer.add(tx.event_time_ms, tx.amount_minor), terminal.add(tx.event_time_ms))
     if history:
       return
+    now = time.monotonic()
+    if not self._pending:
+      self._oldest = now
     self._pending.append((featured, produced.micros // 1000))
-    if len(self._pending) >= self._batch_size:
+    # Score in batches, but never hold a transaction longer than max_delay: a
+    # bundle can last the reader's whole checkpoint interval.
+    if len(self._pending) >= self._batch_size or now - self._oldest >= self._max_delay_s:
       yield from self._decide()
 
   def _label(self, raw: RawRecord, history: bool):
@@ -255,19 +273,22 @@ class DecideLive(beam.PTransform):
   """RawRecords of the transactions (and labels) topics -> (Decisions, DeadLetters), no shuffle.
 
   ``decide_from``: ``{(topic, partition): offset}``; records below it only
-  rebuild feature state. Fails at construction on a missing or corrupt model,
+  rebuild feature state. ``read_from``: where the read starts, so the replay's
+  end can be logged ("feature history replayed"). Fails at construction on a missing or corrupt model,
   rules or reference file, like the graph's own stages.
   """
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str] = None,
                rules_path: Optional[str] = None, registry_url: Optional[str] = None, delay_days: int = 7,
-               batch_size: int = 256, progress_interval_s: float = 10.0):
+               batch_size: int = 256, progress_interval_s: float = 10.0,
+               read_from: Optional[Mapping[Tuple[str, int], int]] = None, max_delay_ms: int = 20):
     super().__init__()
     self._meta = artifacts.load_metadata(model_dir, FEATURE_NAMES)
     rules_lib.load_rules(rules_path, FEATURE_NAMES)
     enrich_lib.reference_version(reference_dir)
     self._fn = _DecideLiveFn(config, transactions_topic, labels_topic, decide_from, reference_dir, model_dir,
-                             rules_path, registry_url, delay_days, batch_size, progress_interval_s)
+                             rules_path, registry_url, delay_days, batch_size, progress_interval_s, read_from,
+                             max_delay_ms)
 
   @property
   def model_version(self) -> str:
