@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_run.py                    # ~1M events, cold tier only
     .venv/bin/python benchmarks/bench_run.py --tiers all        # + Redis, PostgreSQL, ClickHouse
     .venv/bin/python benchmarks/bench_run.py --days 10 --tiers none
+    .venv/bin/python benchmarks/bench_run.py --kafka 127.0.0.1:9092   # read from Kafka instead of files
 
 Generates the input once (``data/bench-<days>d``, 5,000 customers and 10,000
 terminals: about 9,700 events a day, so 103 days is about 1M events), then
@@ -10,6 +11,9 @@ runs the real command line in a subprocess and prints its summary figures,
 peak memory and the exact command. ``--tiers all`` writes into scratch
 stores (Redis db 12, PostgreSQL and ClickHouse database ``txstream_bench``)
 that it empties first; the servers come from ``txstream services up``.
+``--kafka`` first produces the input (transactions and labels, 3 partitions)
+to fresh topics, then runs the graph bounded from them (``--kafka_start
+earliest``, to the end offsets at the start).
 """
 import argparse
 import json
@@ -52,18 +56,40 @@ def _scratch_stores() -> list:
           f"--clickhouse_url={CLICKHOUSE_URL}"]
 
 
+def _produce(input_dir: str, bootstrap: str) -> list:
+  """Produces the input to fresh topics; returns the `txstream run` flags, then a note on the produce."""
+  import uuid
+  sys.path.insert(0, ROOT)
+  from txstream.pipelines import generate
+  topic = f"bench-run-{uuid.uuid4().hex[:8]}"
+  start = time.monotonic()
+  produced = generate.produce_to_kafka(input_dir, bootstrap, topic, f"{topic}.labels", partitions=3)
+  note = f"{produced['messages']} messages in {time.monotonic() - start:.0f} s"
+  print(f"produced {note} to {topic}", flush=True)
+  return [f"--bootstrap_servers={bootstrap}", f"--topic={topic}", f"--labels_topic={topic}.labels",
+          f"--reference_dir={input_dir}/reference", "--kafka_start=earliest", f"--group_id={topic}", note]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--days", type=int, default=103, help="Days of generated traffic (103 = ~1M events).")
   parser.add_argument("--tiers", choices=("none", "cold", "all"), default="cold",
                       help="none: no tier at all; cold: Parquet only (the default run); all: + the three servers.")
   parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"), help="Output folder.")
+  parser.add_argument("--kafka", default=None, metavar="HOST:PORT",
+                      help="Produce the input to fresh Kafka topics and read it from there.")
   parser.add_argument("beam_args", nargs="*", help="Extra flags passed to `txstream run` (after --).")
   args = parser.parse_args(argv)
   input_dir = _generate(args.days)
   summary_path = os.path.join(args.out, "summary.json")
   os.makedirs(args.out, exist_ok=True)
-  flags = [f"--input={input_dir}", f"--summary_json={summary_path}", f"--dead_letter_path={args.out}/dead"]
+  flags = [f"--summary_json={summary_path}", f"--dead_letter_path={args.out}/dead"]
+  produced = None
+  if args.kafka:
+    flags += _produce(input_dir, args.kafka)
+    produced = flags.pop()
+  else:
+    flags.append(f"--input={input_dir}")
   flags.append("--no_cold" if args.tiers == "none" else f"--cold_path={args.out}/cold")
   if args.tiers == "all":
     flags += _scratch_stores()
@@ -78,7 +104,7 @@ def main(argv=None) -> int:
       "tiers": args.tiers, "events_in": summary["events_in"], "scored": summary["scored"],
       "tier_rows": summary["tiers"], "pipeline_seconds": summary["wall_seconds"],
       "events_per_second": summary["events_per_second"], "process_seconds": round(wall, 1),
-      "peak_rss_mib": round(peak_mib), "cpus": os.cpu_count()}, indent=2))
+      "peak_rss_mib": round(peak_mib), "cpus": os.cpu_count(), "kafka_produce": produced}, indent=2))
   print("command: benchmarks/bench_run.py " + " ".join(argv if argv is not None else sys.argv[1:]))
   return 0
 
