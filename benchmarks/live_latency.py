@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/live_latency.py                          # 2,000 ev/s for 60 s
     .venv/bin/python benchmarks/live_latency.py --rates 1000,2000,4000,8000 --seconds 30
     .venv/bin/python benchmarks/live_latency.py --redis_url redis://127.0.0.1:6379/14
+    .venv/bin/python benchmarks/live_latency.py -- --live_checkpoint_ms=20   # flags for `txstream stream`
 
 For each rate: a fresh topic (3 partitions) and labels topic; the first
 ``--history_days`` of generated traffic are produced up front and replayed by
@@ -89,6 +90,7 @@ def run_rate(args, data, rate):
           f"--labels_topic={labels}", f"--reference_dir={data}/reference", "--progress_interval_s=5"]
   if args.redis_url:
     argv.append(f"--redis_url={args.redis_url}")
+  argv += args.stream_args
   proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log)
   started = time.monotonic()
   while time.monotonic() - started < 600:
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
   parser.add_argument("--drain_s", type=float, default=60.0, help="Wait this long for the backlog after producing.")
   parser.add_argument("--redis_url", default=None, help="Also write the hot tier (Redis).")
   parser.add_argument("--bootstrap_servers", default="127.0.0.1:9092")
+  parser.add_argument("stream_args", nargs="*", help="Extra flags for `txstream stream` (after --).")
   parser.add_argument("--work", default=os.path.join(ROOT, "data", "bench-live"))
   args = parser.parse_args(argv)
   data = os.path.join(args.work, f"g-{args.customers}-{args.days}")

@@ -83,6 +83,6 @@ class LiveOptions(PipelineOptions):
                         help="Score at most this many transactions per model call.")
     parser.add_argument("--live_max_delay_ms", type=int, default=20,
                         help="Score a partial batch once its oldest transaction has waited this long.")
-    parser.add_argument("--live_checkpoint_ms", type=int, default=50,
+    parser.add_argument("--live_checkpoint_ms", type=int, default=20,
                         help="The reader ends a bundle (sinks flush, offsets commit) at least this often "
                              "per partition.")

@@ -166,7 +166,7 @@ def stream(options: PipelineOptions) -> dict:
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     pipeline = beam.Pipeline(runner=fn_runner.FnApiRunner(), options=options)
     _, starts, decide_from = build_hot_path(pipeline, options, config, write_tiers)
-    _LOGGER.warning("live hot path: reading %s from %s, deciding from %s; decisions to %s, dead letters to %s",
+    _LOGGER.info("live hot path: reading %s from %s, deciding from %s; decisions to %s, dead letters to %s",
                     ", ".join(sorted({t for t, _ in starts})), _fmt(starts), _fmt(decide_from), decisions_topic,
                     dead_topic)
   else:

@@ -129,7 +129,8 @@ class _DecideLiveFn(beam.DoFn):
     self._rules = rules_lib.load_rules(self._rules_path, FEATURE_NAMES)
     self._customers: Dict[int, CustomerHistory] = {}
     self._terminals: Dict[int, TerminalHistory] = {}
-    self._committer = Consumer(self._config.consumer_config())
+    # No config: nothing to commit to (tests that feed records without a broker).
+    self._committer = Consumer(self._config.consumer_config()) if self._config is not None else None
     self._progress = _Progress(self._progress_interval_s)
     self._dead_counters = {}
     self._replaying = set(self._replay)
@@ -272,6 +273,7 @@ class _DecideLiveFn(beam.DoFn):
 class DecideLive(beam.PTransform):
   """RawRecords of the transactions (and labels) topics -> (Decisions, DeadLetters), no shuffle.
 
+  ``config``: the KafkaConfig whose group gets the offsets (None: no commits).
   ``decide_from``: ``{(topic, partition): offset}``; records below it only
   rebuild feature state. ``read_from``: where the read starts, so the replay's
   end can be logged ("feature history replayed"). Fails at construction on a missing or corrupt model,
