@@ -50,3 +50,43 @@ def test_bad_history_is_not_dead_lettered_again(reference):
   with TestPipeline() as p:
     out = p | beam.Create([_raw(0, None), _raw(1, None)]) | DecideLive(None, "tx", None, {("tx", 0): 1}, reference)
     assert_that(out.dead_letters | beam.Map(lambda d: (d.source, d.reason)), equal_to([("tx/0@1", "null_value")]))
+
+
+class _Finalizer:
+  def __init__(self):
+    self.callbacks = []
+
+  def register(self, callback):
+    self.callbacks.append(callback)
+
+
+class _Committer:
+  def __init__(self):
+    self.commits = []
+
+  def commit(self, offsets, asynchronous):
+    assert asynchronous is False
+    self.commits.append(sorted((tp.topic, tp.partition, tp.offset) for tp in offsets))
+
+  def close(self):
+    pass
+
+
+def test_bundle_finalizer_commits_what_the_bundle_decided_never_replayed_offsets(reference):
+  from apache_beam.utils.timestamp import Timestamp
+  fn = DecideLive(None, "tx", None, {("tx", 0): 2, ("tx", 1): 0}, reference, batch_size=1)._fn
+  fn.setup()
+  fn._committer = committer = _Committer()  # pylint: disable=protected-access
+  for records in ([_raw(0, h.message(h.tx_record(0, h.T0)))],  # replayed history only
+                  [_raw(1, h.message(h.tx_record(1, h.T0 + 1))), _raw(2, h.message(h.tx_record(2, h.T0 + 2))),
+                   RawRecord("tx/1@7", h.message(h.tx_record(7, h.T0 + 3)))]):
+    finalizer = _Finalizer()
+    fn.start_bundle()
+    for raw in records:
+      list(fn.process(raw, Timestamp(0), finalizer))
+    list(fn.finish_bundle())
+    assert len(finalizer.callbacks) == 1  # one per bundle, called by the runner after the sinks
+    finalizer.callbacks[0]()
+  fn.teardown()
+  # The first bundle replayed offset 0 (committed position 2): nothing to commit.
+  assert committer.commits == [[("tx", 0, 3), ("tx", 1, 8)]]

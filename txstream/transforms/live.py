@@ -162,9 +162,10 @@ class _DecideLiveFn(beam.DoFn):
     if not self._finalizer_registered:
       finalizer.register(functools.partial(self._commit, self._offsets))
       self._finalizer_registered = True
-    self._offsets[(topic, partition)] = offset + 1
     decide_from = self._decide_from.get((topic, partition), 0)
     history = offset < decide_from
+    if not history:  # committing a replayed offset would move the group's position back
+      self._offsets[(topic, partition)] = offset + 1
     if history:
       self._replayed.inc()
       self._progress.replayed()
