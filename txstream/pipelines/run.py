@@ -69,7 +69,7 @@ def check_config(options) -> None:
   if options.view_as(KafkaOptions).topic:
     if src.input:
       raise ConfigError("give either --input DIR or --topic T, not both")
-    if not src.reference_dir or not os.path.isdir(src.reference_dir):
+    if not src.reference_dir or ("://" not in src.reference_dir and not os.path.isdir(src.reference_dir)):
       raise ConfigError("--topic needs --reference_dir DIR (customers.avro, terminals.avro)")
     try:
       KafkaConfig.from_options(options)

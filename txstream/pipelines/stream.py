@@ -54,7 +54,7 @@ def check_config(options) -> KafkaConfig:
     raise ConfigError("`txstream stream` reads Kafka (--topic); --input files are for `txstream run`")
   if not flags.topic:
     raise ConfigError("--topic T (and --bootstrap_servers H:P) is required")
-  if not src.reference_dir or not os.path.isdir(src.reference_dir):
+  if not src.reference_dir or ("://" not in src.reference_dir and not os.path.isdir(src.reference_dir)):
     raise ConfigError("--reference_dir DIR (customers.avro, terminals.avro) is required")
   if flags.kafka_stop_at or flags.kafka_stop_time_ms:
     raise ConfigError("--kafka_stop_at/--kafka_stop_time_ms make a bounded run: use `txstream run`")
