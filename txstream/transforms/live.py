@@ -79,13 +79,20 @@ class _Progress:
   def decided(self, latency_ms: int):
     self._decided += 1
     self._latencies.append(latency_ms)
+
+  def tick(self):
+    """Logs the last interval once it is over (called per decision batch and per bundle, so idle shows too)."""
     now = time.monotonic()
-    if now - self._since >= self._interval_s:
+    if now - self._since < self._interval_s:
+      return
+    if self._latencies:
       p50, p99 = np.percentile(self._latencies, [50, 99])
-      _LOGGER.info("live: %d decisions in %.0f s (%.0f/s), produce-to-decision p50 %.0f ms p99 %.0f ms; "
-                   "%d history records replayed", self._decided, now - self._since,
-                   self._decided / (now - self._since), p50, p99, self._replayed)
-      self._latencies, self._decided, self._replayed, self._since = [], 0, 0, now
+      latency = f"produce-to-decision p50 {p50:.0f} ms p99 {p99:.0f} ms"
+    else:
+      latency = "no traffic"
+    _LOGGER.info("live: %d decisions in %.0f s (%.0f/s), %s; %d history records replayed", self._decided,
+                 now - self._since, self._decided / (now - self._since), latency, self._replayed)
+    self._latencies, self._decided, self._replayed, self._since = [], 0, 0, now
 
 
 class _DecideLiveFn(beam.DoFn):
@@ -251,9 +258,11 @@ class _DecideLiveFn(beam.DoFn):
       self._progress.decided(latency)
       out.append(Decision(featured.transaction, featured.features, score,
                           prediction.model_id or self._model_version, codes, action, txstream.__version__, now_ms))
+    self._progress.tick()
     return out
 
   def finish_bundle(self):
+    self._progress.tick()
     for decision in self._decide():
       yield WindowedValue(decision, Timestamp(micros=decision.transaction.event_time_ms * 1000), [GlobalWindow()])
 
