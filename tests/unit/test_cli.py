@@ -104,6 +104,8 @@ def test_stream_help_lists_live_flags(capsys):
     (["--topic=t", "--reference_dir=.", "--kafka_io=xlang"], "xlang"),
     (["--topic=t", "--reference_dir=.", "--direct_num_workers=2"], "one worker"),
     (["--topic=t", "--reference_dir=.", "--duration_s=0"], "--duration_s"),
+    (["--topic=t", "--reference_dir=.", "--postgres_dsn=host=x"], "deterministic"),
+    (["--topic=t", "--reference_dir=.", "--clickhouse_url=clickhouse://x/db"], "deterministic"),
 ])
 def test_stream_config_errors_are_one_line(capsys, argv, expected):
   assert expected in _one_line_error(capsys, ["stream"] + argv)

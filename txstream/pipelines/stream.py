@@ -1,11 +1,12 @@
 """``txstream stream``: the graph live from Kafka, until Ctrl-C or ``--duration_s``.
 
 On the DirectRunner (the default, this machine) it runs the live hot path:
-``ReadPartitionsLive | DecideLive`` and the shuffle-free sinks (Redis,
-PostgreSQL, ClickHouse, the decisions and dead-letter topics) fused into one
-stage on the FnApiRunner, which runs an unbounded splittable DoFn and what is
+``ReadPartitionsLive | DecideLive`` and the shuffle-free sinks (Redis, the
+decisions and dead-letter topics) fused into one stage on the FnApiRunner, which runs an unbounded splittable DoFn and what is
 fused with it continuously, but nothing behind a shuffle (README, "Live
 mode"). Offsets are committed by each bundle's finalizer, after its sinks.
+Live features depend on arrival order, so the warm and analytics tiers, which
+hold deterministic results, are left to bounded runs.
 
 On Flink, Dataflow or Prism (``--runner``) it runs the whole graph from
 ``build_graph`` in streaming mode: Beam's state and timers hold the features
@@ -70,6 +71,11 @@ def check_config(options) -> KafkaConfig:
     if options.view_as(ScoreOptions).model_watch_pattern:
       raise ConfigError("--model_watch_pattern is for the full streaming graph (--runner FlinkRunner, "
                         "DataflowRunner); on the DirectRunner restart `txstream stream` with --model_dir")
+    tiers = options.view_as(TierOptions)
+    if tiers.postgres_dsn or tiers.clickhouse_url:
+      raise ConfigError("the live hot path writes Redis and the decisions topic only: the warm and analytics "
+                        "tiers hold deterministic results, filled by bounded runs (`txstream run --topic T "
+                        "--group_id G`) or by the full graph on a streaming runner")
     if (options.view_as(DirectOptions).direct_num_workers or 1) > 1:
       raise ConfigError("the live hot path keeps feature state in one worker: --direct_num_workers must be 1")
   try:
@@ -79,7 +85,7 @@ def check_config(options) -> KafkaConfig:
 
 
 def live_tiers(options) -> WriteTiers:
-  """The server tiers (the cold tier groups per partition: bounded reruns write it)."""
+  """The server tiers of a live run (the cold tier groups rows per partition: bounded runs write it)."""
   tiers = options.view_as(TierOptions)
   return WriteTiers(TierConfig(None, None, tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url))
 
@@ -119,12 +125,8 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   if write_tiers.tiers:
     dead.append((out.decisions | "WriteTiers" >> write_tiers).dead_letters)
   out.decisions | "DecisionsToKafka" >> WriteDecisionsToKafka(config, decisions_topic)
-  dsn = options.view_as(TierOptions).postgres_dsn
   for i, letters in enumerate(dead):
     letters | f"DeadLettersToKafka{i}" >> WriteDeadLettersToKafka(config, dead_topic)
-    if dsn:
-      from txstream.io.postgres_sink import WriteDeadLettersToPostgres
-      letters | f"DeadLettersToPostgres{i}" >> WriteDeadLettersToPostgres(dsn)
   return decide, starts, decide_from
 
 
