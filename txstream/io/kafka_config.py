@@ -217,6 +217,11 @@ class KafkaOptions(PipelineOptions):
                              "the earliest or the latest offset.")
     parser.add_argument("--kafka_stop_at", default=None, choices=("end",),
                         help="end: stop at the end offsets found when the read starts (a bounded run).")
+    parser.add_argument("--kafka_history", default="earliest", choices=("earliest", "none"),
+                        help="Bounded runs. earliest (default): also read each partition from its earliest offset "
+                             "up to where the run starts, as feature history only (not decided or dead-lettered "
+                             "again), so incremental runs compute the features of one run over everything; "
+                             "none: only the run's own range (faster, features see a shorter history).")
     parser.add_argument("--kafka_start_time_ms", type=int, default=None,
                         help="Start at the first record with a timestamp at or after this (epoch ms).")
     parser.add_argument("--kafka_stop_time_ms", type=int, default=None,

@@ -37,6 +37,7 @@ class GraphOutputs(NamedTuple):
   model_version: str
   reference_version: Optional[str] = None
   kafka_ranges: Optional[dict] = None
+  label_ranges: Optional[dict] = None
 
 
 class Sources(NamedTuple):
@@ -55,14 +56,63 @@ class FeatureOutputs(NamedTuple):
   label_dead_letters: beam.PCollection
   reference_version: Optional[str] = None
   kafka_ranges: Optional[dict] = None
+  label_ranges: Optional[dict] = None
 
 
 _EVENTS_IN = Metrics.counter("txstream", "events_in")
 
 
 def _count_in(record: RawRecord) -> RawRecord:
-  _EVENTS_IN.inc()
+  if not record.source.startswith(_Current.HISTORY):
+    _EVENTS_IN.inc()
   return record
+
+
+class _Current:
+  """Kafka history: records below a partition's start offset feed feature state only.
+
+  They are read with their source prefixed by ``HISTORY``, so every stage
+  treats them like any other record (same features, same order), and the run
+  drops what they produce (decisions, dead letters, filtered duplicates)
+  before scoring and writing: an earlier run already did that for them.
+  """
+  HISTORY = "history:"
+
+  def __init__(self, starts: dict):
+    self._starts = dict(starts)
+
+  def mark(self, record: RawRecord) -> RawRecord:
+    partition, offset = record.source.rsplit("/", 1)[1].split("@")
+    if int(offset) < self._starts.get(int(partition), 0):
+      return record._replace(source=self.HISTORY + record.source)
+    return record
+
+  @classmethod
+  def keep(cls, source: str) -> bool:
+    return not source.startswith(cls.HISTORY)
+
+
+class _DropHistory(beam.DoFn):
+  """Drops what history records produced; a dropped dead letter or filtered record is taken back out of
+  the counter its stage incremented, so the run's summary accounts for its own records only."""
+  def __init__(self, source_of, counter_of=None):
+    self._source_of = source_of
+    self._counter_of = counter_of
+
+  def process(self, element):
+    if _Current.keep(self._source_of(element)):
+      yield element
+    elif self._counter_of is not None:
+      Metrics.counter("txstream", self._counter_of(element)).dec()
+
+
+def _own_outputs(current, featured, filtered, dead):
+  if current is None:
+    return featured, filtered, dead
+  return (featured | "OwnFeatured" >> beam.ParDo(_DropHistory(lambda f: f.transaction.source)),
+          filtered | "OwnFiltered" >> beam.ParDo(_DropHistory(lambda kv: kv[1].source, lambda kv: f"filtered.{kv[0]}")),
+          dead | "OwnDeadLetters" >> beam.ParDo(_DropHistory(lambda d: d.source,
+                                                             lambda d: f"dead_letter.{d.stage}.{d.reason}")))
 
 
 def kafka_transactions(options) -> ReadTransactionsFromKafka:
@@ -88,25 +138,42 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
   raw = sources.raw
   read_dead = []
   kafka_ranges = None
+  current = None  # with Kafka history: whether a source position is the run's own (not history)
   if raw is None and options.view_as(KafkaOptions).topic:
     kafka_read = kafka_transactions(options)
-    raw = (pipeline | "ReadTransactionsFromKafka" >> kafka_read
-           | "CountIn" >> beam.Map(_count_in).with_output_types(RawRecord))
     if hasattr(kafka_read.reader, "offset_ranges"):
       kafka_ranges = kafka_read.reader.offset_ranges()
+    if options.view_as(KafkaOptions).kafka_history == "earliest" and kafka_ranges is not None:
+      current = _Current({p: start for p, (start, _) in kafka_ranges.items()})
+      kafka_read = ReadFromKafkaNative(KafkaConfig.from_options(options), start="earliest",
+                                       stop_at={p: stop for p, (_, stop) in kafka_ranges.items()})
+    raw = pipeline | "ReadTransactionsFromKafka" >> kafka_read
+    if current is not None:
+      raw = raw | "Marked" >> beam.Map(current.mark).with_output_types(RawRecord)
+    raw = raw | "CountIn" >> beam.Map(_count_in).with_output_types(RawRecord)
   elif raw is None:
     read = pipeline | "ReadTransactions" >> ReadTransactions(src.input)
     raw, read_dead = read.records, [read.dead_letters]
   raw_labels = sources.raw_labels
   label_dead = []
   labels_topic = options.view_as(KafkaOptions).labels_topic
+  label_ranges = None
+  label_current = None
   if raw_labels is None and labels_topic and not src.input:
     # Every label so far (bounded: up to the end when the run starts): a run's
     # terminal features need the frauds known before its first transaction.
-    streaming = options.view_as(StandardOptions).streaming
+    # Labels below the group's committed offsets were read by an earlier run:
+    # history, whose dead letters that run already wrote.
     config = dataclasses.replace(KafkaConfig.from_options(options), topic=labels_topic)
-    raw_labels = pipeline | "ReadLabelsFromKafka" >> ReadFromKafkaNative(
-        config, start="earliest", stop_at=None if streaming else "end")
+    if options.view_as(StandardOptions).streaming:
+      raw_labels = pipeline | "ReadLabelsFromKafka" >> ReadFromKafkaNative(config, start="earliest")
+    else:
+      label_ranges = ReadFromKafkaNative(config, start="committed", stop_at="end").offset_ranges()
+      label_current = _Current({p: start for p, (start, _) in label_ranges.items()})
+      raw_labels = (pipeline
+                    | "ReadLabelsFromKafka" >> ReadFromKafkaNative(
+                        config, start="earliest", stop_at={p: stop for p, (_, stop) in label_ranges.items()})
+                    | "MarkedLabels" >> beam.Map(label_current.mark).with_output_types(RawRecord))
   if raw_labels is None and src.input:
     labels_read = pipeline | "ReadLabels" >> ReadLabels(src.input)
     raw_labels, label_dead = labels_read.records, [labels_read.dead_letters]
@@ -130,7 +197,11 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
           ) | "AllDeadLetters" >> beam.Flatten()
   label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetter)]
                 ) | "AllLabelDeadLetters" >> beam.Flatten()
-  return FeatureOutputs(features.featured, features.filtered, dead, label_dead, version, kafka_ranges)
+  featured, filtered, dead = _own_outputs(current, features.featured, features.filtered, dead)
+  if label_current is not None:
+    label_dead = label_dead | "OwnLabelDeadLetters" >> beam.ParDo(
+        _DropHistory(lambda d: d.source, lambda d: "label_dead_letter.decode"))
+  return FeatureOutputs(featured, filtered, dead, label_dead, version, kafka_ranges, label_ranges)
 
 
 def kafka_file_tag(topic: str, ranges: dict) -> str:
@@ -186,4 +257,5 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
     written["warm_dead_letters"] = (
         all_dead | "WriteDeadLettersToPostgres" >> WriteDeadLettersToPostgres(tiers.postgres_dsn)).written
   return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, written,
-                      score.model_version, features.reference_version, features.kafka_ranges)
+                      score.model_version, features.reference_version, features.kafka_ranges,
+                      features.label_ranges)

@@ -131,7 +131,11 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
     # dies earlier leaves them where they were and the next run rereads its
     # range, which the upserting tiers absorb without duplicates.
     ranges = {p: stop for p, (_, stop) in outputs.kafka_ranges.items()}
-    commit_offsets(KafkaConfig.from_options(options), ranges)
+    config = KafkaConfig.from_options(options)
+    commit_offsets(config, ranges)
+    if outputs.label_ranges:
+      commit_offsets(config, {p: stop for p, (_, stop) in outputs.label_ranges.items()},
+                     topic=options.view_as(KafkaOptions).labels_topic)
     summary["kafka_offsets"] = {str(p): [start, stop] for p, (start, stop) in sorted(outputs.kafka_ranges.items())}
   _record_run(options, {"run_id": run_id, "finished_at": int(time.time() * 1000), "summary": summary})
   path = options.view_as(RunOptions).summary_json
