@@ -83,7 +83,8 @@ def _generate_parser(sub):
   p.add_argument("--topic", default=None, help="Kafka topic for the transactions.")
   p.add_argument("--labels_topic", default=None, help="Kafka topic for the fraud labels (optional).")
   p.add_argument("--partitions", type=int, default=3, help="Partitions when the topic is created (default 3).")
-  p.add_argument("--rate", type=float, default=None, help="Produce at this many messages/s (default: as fast as possible).")
+  p.add_argument("--rate", type=float, default=None,
+                 help="Produce at this many messages/s (default: as fast as possible).")
 
 
 def _run_parser(sub):

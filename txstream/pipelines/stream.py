@@ -2,11 +2,12 @@
 
 On the DirectRunner (the default, this machine) it runs the live hot path:
 ``ReadPartitionsLive | DecideLive`` and the shuffle-free sinks (Redis, the
-decisions and dead-letter topics) fused into one stage on the FnApiRunner, which runs an unbounded splittable DoFn and what is
-fused with it continuously, but nothing behind a shuffle (README, "Live
-mode"). Offsets are committed by each bundle's finalizer, after its sinks.
-Live features depend on arrival order, so the warm and analytics tiers, which
-hold deterministic results, are left to bounded runs.
+decisions and dead-letter topics) fused into one stage on the FnApiRunner,
+which runs an unbounded splittable DoFn and what is fused with it
+continuously, but nothing behind a shuffle (README, "Live mode"). Offsets
+are committed by each bundle's finalizer, after its sinks. Live features
+depend on arrival order, so the warm and analytics tiers, which hold
+deterministic results, are left to bounded runs.
 
 On Flink, Dataflow or Prism (``--runner``) it runs the whole graph from
 ``build_graph`` in streaming mode: Beam's state and timers hold the features

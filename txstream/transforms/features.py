@@ -45,8 +45,8 @@ FEATURE_NAMES = (
        "TERMINAL_ID_KNOWN_RISK_30DAY", "TERMINAL_ID_DAYS_SINCE_KNOWN_FRAUD"]
     + ["HOME_DISTANCE"])
 
-_TX, _LABEL = 1, 0
-BATCH_SHARDS = 32  # bounded runs group keys into this many shards before the shuffle  # at equal times a label is known before the transaction is decided
+_TX, _LABEL = 1, 0  # at equal times a label is known before the transaction is decided
+BATCH_SHARDS = 32  # bounded runs group keys into this many shards before the shuffle
 
 
 class FeaturesResult(NamedTuple):
