@@ -1,10 +1,17 @@
-"""DecideLive without a broker: history replay, labels, dead letters and the graph's own features."""
+"""DecideLive without a broker: history replay, labels, dead letters, offset commits, model swaps."""
+import os
+import time
+
 import apache_beam as beam
+import numpy as np
 import pytest
+import xgboost
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.timestamp import Timestamp
 
 from tests import helpers as h
+from txstream.models import artifacts
 from txstream.pipelines import generate
 from txstream.records import RawRecord
 from txstream.transforms.features import FEATURE_NAMES
@@ -73,7 +80,6 @@ class _Committer:
 
 
 def test_bundle_finalizer_commits_what_the_bundle_decided_never_replayed_offsets(reference):
-  from apache_beam.utils.timestamp import Timestamp
   fn = DecideLive(None, "tx", None, {("tx", 0): 2, ("tx", 1): 0}, reference, batch_size=1)._fn
   fn.setup()
   fn._committer = committer = _Committer()  # pylint: disable=protected-access
@@ -90,3 +96,31 @@ def test_bundle_finalizer_commits_what_the_bundle_decided_never_replayed_offsets
   fn.teardown()
   # The first bundle replayed offset 0 (committed position 2): nothing to commit.
   assert committer.commits == [[("tx", 0, 3), ("tx", 1, 8)]]
+
+
+def test_a_new_model_matching_the_watch_pattern_replaces_the_current_one(reference, tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.random((200, len(FEATURE_NAMES)), dtype=np.float32) * 100
+  model = xgboost.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1).fit(x, x[:, 0] > 50)
+  model.save_model(str(tmp_path / "m.json"))
+  fn = DecideLive(None, "tx", None, {}, reference, batch_size=1,
+                  model_watch_pattern=str(tmp_path / "models" / "*" / "model.json"), model_check_s=0)._fn
+  fn.setup()
+  bundled = fn._model_version  # pylint: disable=protected-access
+
+  def decide(i):
+    fn.start_bundle()
+    out = list(fn.process(_raw(i, h.message(h.tx_record(i, h.T0 + i))), Timestamp(0), _Finalizer()))
+    out += [w.value for w in fn.finish_bundle()]
+    return out[0].model_version
+
+  assert decide(0) == bundled  # nothing matches yet
+  (tmp_path / "models" / "broken").mkdir(parents=True)
+  (tmp_path / "models" / "broken" / "model.json").write_text("{}")  # no metadata: refused, scoring goes on
+  assert decide(1) == bundled
+  meta = artifacts.write_artifact(str(tmp_path / "models" / "v2"), (tmp_path / "m.json").read_bytes(),
+                                  {"feature_names": list(FEATURE_NAMES)})
+  os.utime(tmp_path / "models" / "v2" / "model.json", (time.time() + 5, time.time() + 5))  # the newest
+  decide(2)  # the switch happens between bundles
+  assert decide(3) == meta["version"] != bundled
+  fn.teardown()

@@ -41,8 +41,8 @@ class ScoreOptions(PipelineOptions):
     parser.add_argument("--inference_batch_size", type=int, default=1000,
                         help="Maximum batch size for RunInference.")
     parser.add_argument("--model_watch_pattern", default=None,
-                        help="Streaming only: watch this glob (e.g. gs://models/*/model.json) and switch to each "
-                             "new model artifact as it appears, without a restart.")
+                        help="`txstream stream` only: watch this glob (e.g. gs://models/*/model.json) and switch "
+                             "to each new model artifact, once verified, without a restart.")
 
 
 class TierOptions(PipelineOptions):

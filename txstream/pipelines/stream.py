@@ -69,9 +69,6 @@ def check_config(options) -> KafkaConfig:
   if is_direct(options):
     if flags.kafka_io != "native":
       raise ConfigError("--kafka_io=xlang needs Flink or Dataflow (--runner); the DirectRunner reads natively")
-    if options.view_as(ScoreOptions).model_watch_pattern:
-      raise ConfigError("--model_watch_pattern is for the full streaming graph (--runner FlinkRunner, "
-                        "DataflowRunner); on the DirectRunner restart `txstream stream` with --model_dir")
     tiers = options.view_as(TierOptions)
     if tiers.postgres_dsn or tiers.clickhouse_url:
       raise ConfigError("the live hot path writes Redis and the decisions topic only: the warm and analytics "
@@ -115,7 +112,7 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   decide = DecideLive(config, transactions, labels, decide_from, src.reference_dir, score.model_dir, score.rules,
                       src.schema_registry_url, options.view_as(FeatureOptions).terminal_delay_days,
                       live.live_batch_size, live.progress_interval_s, read_from=starts,
-                      max_delay_ms=live.live_max_delay_ms)
+                      max_delay_ms=live.live_max_delay_ms, model_watch_pattern=score.model_watch_pattern)
   out = (pipeline
          | "ReadKafka" >> ReadPartitionsLive(config, starts, checkpoint_interval_s=live.live_checkpoint_ms / 1000)
          | "DecideLive" >> decide)

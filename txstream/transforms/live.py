@@ -26,6 +26,7 @@ tiers, keyed on the transaction id, absorb the repeats.
 """
 import functools
 import logging
+import os
 import time
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
@@ -100,8 +101,10 @@ class _DecideLiveFn(beam.DoFn):
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str],
                rules_path: Optional[str], registry_url: Optional[str], delay_days: int, batch_size: int,
                progress_interval_s: float, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
-               max_delay_ms: int = 20):
+               max_delay_ms: int = 20, model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
     self._config = config
+    self._model_watch_pattern = model_watch_pattern
+    self._model_check_s = model_check_s
     self._max_delay_s = max_delay_ms / 1000.0
     # Partitions with history to replay before their first decision.
     self._replay = {tp for tp, start in (read_from or {}).items() if start < decide_from.get(tp, 0)}
@@ -129,10 +132,9 @@ class _DecideLiveFn(beam.DoFn):
     self._labels = validate.decoder(self._registry_url, schema_registry.LABEL_SUBJECT)
     self._customers_ref, self._terminals_ref = enrich_lib.load_reference(self._reference_dir)
     self._reference_version = enrich_lib.reference_version(self._reference_dir)
-    meta = artifacts.load_metadata(self._model_dir, FEATURE_NAMES)
-    self._model_version = meta["version"]
-    self._handler = fraud_model_handler(meta["model_path"], self._batch_size, FEATURE_NAMES)
-    self._model = self._handler.load_model()
+    self._load_model(artifacts.load_metadata(self._model_dir, FEATURE_NAMES))
+    self._model_checked = time.monotonic()
+    self._refused_models = set()
     self._rules = rules_lib.load_rules(self._rules_path, FEATURE_NAMES)
     self._customers: Dict[int, CustomerHistory] = {}
     self._terminals: Dict[int, TerminalHistory] = {}
@@ -144,6 +146,39 @@ class _DecideLiveFn(beam.DoFn):
     self._replay_began = time.monotonic()
     if not self._replaying:
       _LOGGER.info("live: no feature history to replay; deciding")
+
+  def _load_model(self, meta: dict) -> None:
+    self._model_version = meta["version"]
+    self._model_path = meta["model_path"]
+    self._handler = fraud_model_handler(meta["model_path"], self._batch_size, FEATURE_NAMES)
+    self._model = self._handler.load_model()
+
+  def _watch_model(self) -> None:
+    """Switches to the newest ``model.json`` matching the watch pattern, once it checks out.
+
+    The artifact is verified first (content hash, feature order); one that
+    fails is logged once and skipped, and scoring goes on with the current
+    model. Checked between bundles, every ``model_check_s``.
+    """
+    if not self._model_watch_pattern or time.monotonic() - self._model_checked < self._model_check_s:
+      return
+    self._model_checked = time.monotonic()
+    from apache_beam.io.filesystems import FileSystems
+    matches = FileSystems.match([self._model_watch_pattern])[0].metadata_list
+    if not matches:
+      return
+    newest = max(matches, key=lambda m: (m.last_updated_in_seconds, m.path))
+    if newest.path == self._model_path or newest.path in self._refused_models:
+      return
+    try:
+      meta = artifacts.load_metadata(os.path.dirname(newest.path), FEATURE_NAMES)
+    except artifacts.ModelError as e:
+      self._refused_models.add(newest.path)
+      _LOGGER.warning("live: not switching to %s: %s", newest.path, e)
+      return
+    previous = self._model_version
+    self._load_model(meta)
+    _LOGGER.info("live: model %s loaded from %s (was %s)", self._model_version, newest.path, previous)
 
   def teardown(self):
     committer, self._committer = getattr(self, "_committer", None), None
@@ -263,6 +298,7 @@ class _DecideLiveFn(beam.DoFn):
 
   def finish_bundle(self):
     self._progress.tick()
+    self._watch_model()
     for decision in self._decide():
       yield WindowedValue(decision, Timestamp(micros=decision.transaction.event_time_ms * 1000), [GlobalWindow()])
 
@@ -284,6 +320,8 @@ class DecideLive(beam.PTransform):
   """RawRecords of the transactions (and labels) topics -> (Decisions, DeadLetters), no shuffle.
 
   ``config``: the KafkaConfig whose group gets the offsets (None: no commits).
+  ``model_watch_pattern``: a glob of ``model.json`` files; every
+  ``model_check_s`` the newest match replaces the model, once verified.
   ``decide_from``: ``{(topic, partition): offset}``; records below it only
   rebuild feature state. ``read_from``: where the read starts, so the replay's
   end can be logged ("feature history replayed"). Fails at construction on a missing or corrupt model,
@@ -293,14 +331,15 @@ class DecideLive(beam.PTransform):
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str] = None,
                rules_path: Optional[str] = None, registry_url: Optional[str] = None, delay_days: int = 7,
                batch_size: int = 256, progress_interval_s: float = 10.0,
-               read_from: Optional[Mapping[Tuple[str, int], int]] = None, max_delay_ms: int = 20):
+               read_from: Optional[Mapping[Tuple[str, int], int]] = None, max_delay_ms: int = 20,
+               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
     super().__init__()
     self._meta = artifacts.load_metadata(model_dir, FEATURE_NAMES)
     rules_lib.load_rules(rules_path, FEATURE_NAMES)
     enrich_lib.reference_version(reference_dir)
     self._fn = _DecideLiveFn(config, transactions_topic, labels_topic, decide_from, reference_dir, model_dir,
                              rules_path, registry_url, delay_days, batch_size, progress_interval_s, read_from,
-                             max_delay_ms)
+                             max_delay_ms, model_watch_pattern, model_check_s)
 
   @property
   def model_version(self) -> str:
