@@ -135,6 +135,23 @@ def test_preflight(client, url):
   WriteToClickHouse(url).preflight()
 
 
+def test_preflight_adds_feature_columns_a_table_from_an_earlier_version_lacks(client, url):
+  WriteToClickHouse(url).preflight()
+  newest = ch.FEATURE_COLUMNS[-3:]
+  client.execute(f"ALTER TABLE {DB}.decisions " + ", ".join(f"DROP COLUMN {c}" for c in newest))
+  decisions = fx.make_decisions(5, customers=2)
+  WriteToClickHouse(url).preflight()
+  have = {row[0] for row in client.execute(f"DESCRIBE TABLE {DB}.decisions")}
+  assert set(newest) <= have
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=5)
+  got = client.execute(f"SELECT {newest[-1]} FROM {DB}.decisions FINAL ORDER BY transaction_id")
+  by_id = sorted(decisions, key=lambda d: d.transaction.transaction_id)
+  assert [row[0] for row in got] == [d.features[-1] for d in by_id]
+  client.execute(f"ALTER TABLE {DB}.decisions DROP COLUMN card_token")  # not a feature: an error
+  with pytest.raises(SinkConfigError, match="lacks columns card_token"):
+    WriteToClickHouse(url).preflight()
+
+
 def test_outage_mid_write_loses_and_duplicates_nothing(client, endpoint):
   decisions = fx.make_decisions(300, customers=30)
   with TcpProxy(endpoint.host, endpoint.port) as proxy:

@@ -12,7 +12,9 @@ lowercased; ``home_distance`` is the HOME_DISTANCE feature).
 
 The DDL sticks to what ClickHouse 18.16 (Debian's package) already had, and
 works unchanged on current releases: no ``LowCardinality``, no ``DateTime64``,
-no ``IF NOT EXISTS`` on columns.
+no ``IF NOT EXISTS`` on columns. A table created by an earlier version with
+fewer feature columns gets the new ones at preflight (``ALTER TABLE ... ADD
+COLUMN``; earlier rows hold 0 there); any other missing column is an error.
 
 Batches are columnar inserts of up to ``batch_size`` rows; ClickHouse makes
 one part per insert, so bigger batches mean fewer merges.
@@ -162,6 +164,15 @@ def preflight(url: str) -> None:
     client = target.client()
     try:
       have = {row[0] for row in client.execute(f"DESCRIBE TABLE {target.database}.decisions")}
+      added = [c for c in FEATURE_COLUMNS if c not in have]
+      if added and all(c in have for c in INSERT_COLUMNS if c not in FEATURE_COLUMNS):
+        # A table from a version with fewer features: add the new ones (rows
+        # written before hold 0 there). One ALTER, no IF NOT EXISTS: 18.16 has none.
+        client.execute(f"ALTER TABLE {target.database}.decisions "
+                       + ", ".join(f"ADD COLUMN {c} Float64" for c in added))
+        _LOGGER.warning("ClickHouse table %s.decisions: added feature columns %s", target.database,
+                        ", ".join(added))
+        have.update(added)
     finally:
       client.disconnect()
   except ch_errors.ServerException as error:
