@@ -324,6 +324,13 @@ class ReadPartitionsLive(beam.PTransform):
             .with_output_types(RawRecord))
 
 
+def parse_source(source: str) -> Tuple[str, int, int]:
+  """A Kafka ``RawRecord.source``, ``"topic/partition@offset"``, as (topic, partition, offset)."""
+  head, offset = source.rsplit("@", 1)
+  topic, partition = head.rsplit("/", 1)
+  return topic, int(partition), int(offset)
+
+
 def _to_raw(row) -> RawRecord:
   value = row.value
   return RawRecord(f"{row.topic}/{row.partition}@{row.offset}", None if value is None else bytes(value))

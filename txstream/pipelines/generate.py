@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import heapq
 import hmac
-import io
 import json
 import logging
 import os
@@ -200,17 +199,15 @@ def _keyed(directory: str, subject: str, time_field: str) -> Iterator[Tuple[int,
   A damaged message cannot be read: it keeps the time of the one before it and
   goes out without a key.
   """
-  registry = schema_registry.FileSchemaRegistry()
-  _, reader_json = registry.latest(subject)
-  reader = schema_registry.parse(reader_json)
+  from txstream.transforms import validate
+  decoder = validate.decoder(None, subject)
   last = 0
   for _, message, _ in _messages(directory):
     key = None
     try:
-      schema_id, body = wire.split_header(message)
-      record = fastavro.schemaless_reader(io.BytesIO(body), registry.parsed(schema_id), reader)
+      _, record = decoder.decode(message)
       last, key = record[time_field], str(record["customer_id"])
-    except Exception:  # pylint: disable=broad-except  # damaged on purpose (--corrupt_fraction)
+    except (wire.WireFormatError, validate.InvalidRecord):  # damaged on purpose (--corrupt_fraction)
       pass
     yield last, key, message
 

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
-from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka
+from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka, parse_source
 from txstream.records import DeadLetter, RawRecord
 from txstream.transforms.enrich import Enrich, ReadReference, reference_version
 from txstream.transforms.features import ComputeFeatures
@@ -82,8 +82,8 @@ class _Current:
     self._starts = dict(starts)
 
   def mark(self, record: RawRecord) -> RawRecord:
-    partition, offset = record.source.rsplit("/", 1)[1].split("@")
-    if int(offset) < self._starts.get(int(partition), 0):
+    _, partition, offset = parse_source(record.source)
+    if offset < self._starts.get(partition, 0):
       return record._replace(source=self.HISTORY + record.source)
     return record
 

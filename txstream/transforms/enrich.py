@@ -62,10 +62,6 @@ def enrich(tx: Transaction, customers, terminals, version: str) -> Optional[Tran
   return tx._replace(customer_segment=customer[2], home_distance=distance, reference_version=version)
 
 
-def unknown_customer(tx: Transaction) -> DeadLetter:
-  return dead_letter(tx.source, None, STAGE, "unknown_customer", message=f"customer {tx.customer_id} is not on file")
-
-
 class _EnrichFn(beam.DoFn):
   def __init__(self, version: str):
     self._version = version
@@ -76,7 +72,8 @@ class _EnrichFn(beam.DoFn):
     enriched = enrich(tx, customers, terminals, self._version)
     if enriched is None:
       self._dead.inc()
-      yield beam.pvalue.TaggedOutput(DEAD, unknown_customer(tx))
+      yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+          tx.source, None, STAGE, "unknown_customer", message=f"customer {tx.customer_id} is not on file"))
       return
     if enriched.home_distance is None:
       self._unknown_terminal.inc()

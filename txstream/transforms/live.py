@@ -39,6 +39,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import txstream
 from txstream.io import schema_registry, wire
+from txstream.io.kafka_read import parse_source
 from txstream.models import artifacts
 from txstream.models.handler import fraud_model_handler
 from txstream.records import DeadLetter, Decision, RawRecord, dead_letter
@@ -51,18 +52,12 @@ from txstream.transforms.features import FEATURE_NAMES, assemble, fingerprint
 _LOGGER = logging.getLogger(__name__)
 NAMESPACE = "txstream"
 DEAD = "dead_letters"
+DUPLICATE = "duplicate"  # an exact repeat of a transaction already seen: filtered, counted
 
 
 class LiveResult(NamedTuple):
   decisions: beam.PCollection
   dead_letters: beam.PCollection
-
-
-def parse_source(source: str) -> Tuple[str, int, int]:
-  """``"topic/partition@offset"`` -> (topic, partition, offset)."""
-  head, offset = source.rsplit("@", 1)
-  topic, partition = head.rsplit("/", 1)
-  return topic, int(partition), int(offset)
 
 
 class _Progress:
@@ -141,7 +136,7 @@ class _DecideLiveFn(beam.DoFn):
     # No config: nothing to commit to (tests that feed records without a broker).
     self._committer = Consumer(self._config.consumer_config()) if self._config is not None else None
     self._progress = _Progress(self._progress_interval_s)
-    self._dead_counters = {}
+    self._counters = {}
     self._replaying = set(self._replay)
     self._replay_began = time.monotonic()
     if not self._replaying:
@@ -190,13 +185,11 @@ class _DecideLiveFn(beam.DoFn):
     self._offsets: Dict[Tuple[str, int], int] = {}
     self._finalizer_registered = False
 
-  def _dead(self, raw: RawRecord, stage: str, reason: str, error=None, message: str = "") -> DeadLetter:
-    name = f"{'label_' if stage == 'decode_label' else ''}dead_letter.{stage}.{reason}"
-    counter = self._dead_counters.get(name)
+  def _count(self, name: str) -> None:
+    counter = self._counters.get(name)
     if counter is None:
-      counter = self._dead_counters[name] = Metrics.counter(NAMESPACE, name)
+      counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
     counter.inc()
-    return beam.pvalue.TaggedOutput(DEAD, dead_letter(raw.source, raw.value, stage, reason, error, message))
 
   def process(self, raw: RawRecord, produced=beam.DoFn.TimestampParam,
               finalizer=beam.DoFn.BundleFinalizerParam):
@@ -205,69 +198,76 @@ class _DecideLiveFn(beam.DoFn):
       finalizer.register(functools.partial(self._commit, self._offsets))
       self._finalizer_registered = True
     decide_from = self._decide_from.get((topic, partition), 0)
-    history = offset < decide_from
-    if not history:  # committing a replayed offset would move the group's position back
-      self._offsets[(topic, partition)] = offset + 1
-    if history:
+    is_label = topic == self._labels_topic
+    outcomes = self._label(raw) if is_label else self._transaction(raw)
+    if offset < decide_from:
+      # History: it only updates the feature state; the run that read it first
+      # decided it, counted it and wrote its dead letter.
+      for _ in outcomes:
+        pass
       self._replayed.inc()
       self._progress.replayed()
       if offset + 1 == decide_from and (topic, partition) in self._replaying:
         self._replaying.discard((topic, partition))
         if not self._replaying:
           _LOGGER.info("live: feature history replayed in %.1f s; deciding", time.monotonic() - self._replay_began)
-    if topic == self._labels_topic:
-      yield from self._label(raw, history)
       return
-    if not history:
-      self._events_in.inc()
+    self._offsets[(topic, partition)] = offset + 1  # never a replayed one: it would move the group back
+    (self._labels_in if is_label else self._events_in).inc()
+    for outcome in outcomes:
+      if isinstance(outcome, DeadLetter):
+        self._count(f"{'label_' if is_label else ''}dead_letter.{outcome.stage}.{outcome.reason}")
+        yield beam.pvalue.TaggedOutput(DEAD, outcome)
+      elif outcome is DUPLICATE:
+        self._count("filtered.duplicate")
+      else:
+        yield from self._enqueue(outcome, produced.micros // 1000)
+
+  def _transaction(self, raw: RawRecord):
+    """Decodes, enriches and adds one transaction to the feature state: yields its Featured, its
+    DeadLetter or ``DUPLICATE``."""
     try:
       tx = validate.to_transaction(self._transactions, raw)
     except (wire.WireFormatError, validate.InvalidRecord) as e:
-      if not history:
-        yield self._dead(raw, "decode", e.reason, e)
+      yield dead_letter(raw.source, raw.value, "decode", e.reason, e)
       return
     tx = enrich_lib.enrich(tx, self._customers_ref, self._terminals_ref, self._reference_version)
     if tx is None:
-      if not history:
-        yield self._dead(raw, "enrich", "unknown_customer", message="customer is not on file")
+      yield dead_letter(raw.source, raw.value, "enrich", "unknown_customer", message="customer is not on file")
       return
     customer = self._customers.get(tx.customer_id)
     if customer is None:
       customer = self._customers[tx.customer_id] = CustomerHistory()
     repeat = customer.is_duplicate(tx.transaction_id, tx.event_time_ms, fingerprint(tx))
     if repeat == "duplicate":
-      if not history:
-        Metrics.counter(NAMESPACE, "filtered.duplicate").inc()
+      yield DUPLICATE
       return
     if repeat is not None:
-      if not history:
-        yield self._dead(raw, "features", repeat,
-                         message=f"transaction_id {tx.transaction_id} reused with other content")
+      yield dead_letter(raw.source, raw.value, "features", repeat,
+                        message=f"transaction_id {tx.transaction_id} reused with other content")
       return
     terminal = self._terminal(tx.terminal_id)
-    featured = assemble(tx, customer.add(tx.event_time_ms, tx.amount_minor), terminal.add(tx.event_time_ms))
-    if history:
+    yield assemble(tx, customer.add(tx.event_time_ms, tx.amount_minor), terminal.add(tx.event_time_ms))
+
+  def _label(self, raw: RawRecord):
+    """Decodes one label and adds a fraud to its terminal's state; yields its DeadLetter if it is bad."""
+    try:
+      label = validate.to_label(self._labels, raw)
+    except (wire.WireFormatError, validate.InvalidRecord) as e:
+      yield dead_letter(raw.source, raw.value, "decode_label", e.reason, e)
       return
+    if label.is_fraud:
+      self._terminal(label.terminal_id).add_label(label.transaction_id, label.tx_time_ms)
+
+  def _enqueue(self, featured, produced_ms: int):
     now = time.monotonic()
     if not self._pending:
       self._oldest = now
-    self._pending.append((featured, produced.micros // 1000))
+    self._pending.append((featured, produced_ms))
     # Score in batches, but never hold a transaction longer than max_delay: a
     # bundle can last the reader's whole checkpoint interval.
     if len(self._pending) >= self._batch_size or now - self._oldest >= self._max_delay_s:
       yield from self._decide()
-
-  def _label(self, raw: RawRecord, history: bool):
-    if not history:
-      self._labels_in.inc()
-    try:
-      label = validate.to_label(self._labels, raw)
-    except (wire.WireFormatError, validate.InvalidRecord) as e:
-      if not history:
-        yield self._dead(raw, "decode_label", e.reason, e)
-      return
-    if label.is_fraud:
-      self._terminal(label.terminal_id).add_label(label.transaction_id, label.tx_time_ms)
 
   def _terminal(self, terminal_id: int) -> TerminalHistory:
     terminal = self._terminals.get(terminal_id)
