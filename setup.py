@@ -21,6 +21,7 @@ REQUIRED = [
     "datatable>=1.1,<2",
     "great-expectations>=1.0,<2",
     "numpy>=1.26",
+    "polars>=1.30",
     "pyyaml>=6",
     "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
 ]

@@ -189,7 +189,7 @@ def _config_errors():
   from txstream.models.artifacts import ModelError
   from txstream.pipelines.run import ConfigError
   from txstream.io.sinks import SinkConfigError
-  from txstream.transforms.rules import RulesError
+  from txstream.core.rules import RulesError
   from txstream.io.kafka_config import KafkaConfigError
   return (ConfigError, ModelError, RulesError, SinkConfigError, KafkaConfigError)
 

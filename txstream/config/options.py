@@ -38,8 +38,6 @@ class ScoreOptions(PipelineOptions):
                         help="Model artifact directory (model.json + metadata.json); default: the bundled model.")
     parser.add_argument("--rules", default=None,
                         help="Rules YAML file; default: the bundled rules.")
-    parser.add_argument("--inference_batch_size", type=int, default=1000,
-                        help="Maximum batch size for RunInference.")
     parser.add_argument("--model_watch_pattern", default=None,
                         help="`txstream stream` only: watch this glob (e.g. gs://models/*/model.json) and switch "
                              "to each new model artifact, once verified, without a restart.")

@@ -101,12 +101,15 @@ _DECIDED = [
     ("decision", pa.string()),
     ("reason_codes", pa.list_(pa.string())),
     ("model_version", pa.string()),
+    ("rules_version", pa.string()),
     ("pipeline_version", pa.string()),
     ("decided_at_ms", pa.int64()),
 ]
-FEATURED = pa.schema([f for f in TRANSACTION if f.name != "history"]
+# History rows (feature state only) travel with their features until scoring drops them. The enriched
+# home_distance becomes the HOME_DISTANCE feature (-1 when the terminal is not on file).
+FEATURED = pa.schema([f for f in TRANSACTION if f.name != "home_distance"]
                      + [(name, pa.float64()) for name in FEATURE_COLUMNS])
-DECISION = pa.schema(list(FEATURED) + _DECIDED)
+DECISION = pa.schema([f for f in FEATURED if f.name != "history"] + _DECIDED)
 
 
 def empty(schema: pa.Schema) -> pa.Table:

@@ -4,9 +4,9 @@ Reading
   ``ReadFromKafkaNative`` is a splittable DoFn over confluent-kafka that runs
   on every runner; ``ReadFromKafkaXlang`` wraps Beam's cross-language (Java)
   ``ReadFromKafka`` for Flink and Dataflow; ``ReadTransactionsFromKafka``
-  picks one (``--kafka_io``). Both emit ``RawRecord(source, value)`` with
-  ``source = "<topic>/<partition>@<offset>"`` and the undecoded value
-  (``None`` for a null value), timestamped with the Kafka record timestamp.
+  picks one (``--kafka_io``). Both emit ``RawBatch``es of records, each with
+  ``source = "<topic>/<partition>@<offset>"``, the undecoded value (null for
+  a null value) and the Kafka record timestamp.
   Nothing is decoded or dropped here: ``DecodeAndValidate`` turns bad bytes
   into dead letters. (``kafka_read``)
 

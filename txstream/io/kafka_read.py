@@ -1,4 +1,4 @@
-"""Reading Kafka into ``RawRecord``s: a native splittable DoFn, Beam's Java reader, and the choice between them.
+"""Reading Kafka into ``RawBatch``es: a native splittable DoFn, Beam's Java reader, and the choice between them.
 
 ``ReadFromKafkaNative``
   One element per partition, ``(topic, partition, start, stop)``, whose
@@ -34,6 +34,9 @@
 import logging
 import os
 import time
+
+import numpy as np
+import pyarrow as pa
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -46,7 +49,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from txstream.io.kafka_config import KafkaConfig, KafkaConfigError
 from txstream.io.kafka_offsets import UNBOUNDED, Start, Stop, resolve_ranges
-from txstream.records import RawRecord
+from txstream.core import contracts
+from txstream.core.batch import RawBatch
 
 _LOGGER = logging.getLogger(__name__)
 NAMESPACE = "txstream"
@@ -86,11 +90,37 @@ def _advance(watermark_estimator, to: Timestamp) -> None:
     watermark_estimator.set_watermark(to)
 
 
+class _Batch:
+  """The records of one poll of one partition, emitted as one RawBatch (timestamp: the earliest record's)."""
+  __slots__ = ("_prefix", "_history_below", "_offsets", "_values", "_times")
+
+  def __init__(self, prefix: str, history_below: int):
+    self._prefix, self._history_below = prefix, history_below
+    self._offsets, self._values, self._times = [], [], []
+
+  def add(self, offset: int, value: Optional[bytes], timestamp_ms: int) -> None:
+    self._offsets.append(offset)
+    self._values.append(value)
+    self._times.append(timestamp_ms)
+
+  def emit(self):
+    if not self._offsets:
+      return
+    offsets = np.asarray(self._offsets, dtype=np.int64)
+    sources = pa.compute.binary_join_element_wise(pa.scalar(self._prefix), pa.array(offsets).cast(pa.string()), "")
+    table = pa.Table.from_arrays([sources, pa.array(self._values, pa.binary()), pa.array(self._times, pa.int64()),
+                                  pa.array(offsets < self._history_below)], schema=contracts.RAW)
+    yield TimestampedValue(RawBatch(table), Timestamp(micros=min(self._times) * 1000))
+    self._offsets, self._values, self._times = [], [], []
+
+
 class _ReadPartitionFn(beam.DoFn):
   """Reads one partition's offset range; see the module notes for claiming and the watermark."""
   def __init__(self, config: KafkaConfig, batch_size: int, poll_timeout_s: float, checkpoint_interval_s: float,
-               watermark_delay_ms: int):
+               watermark_delay_ms: int, history_below: Optional[Mapping[Tuple[str, int], int]] = None):
     self._config = config
+    # Offsets below these are read as history: feature state only, decided by an earlier run.
+    self._history_below = dict(history_below or {})
     self._batch_size = batch_size
     self._poll_timeout_s = poll_timeout_s
     self._checkpoint_interval_s = checkpoint_interval_s
@@ -162,6 +192,7 @@ class _ReadPartitionFn(beam.DoFn):
         idle_since = None
         newest = None
         emitted = 0
+        batch = _Batch(prefix, self._history_below.get((topic, partition), -1))
         for message in messages:
           error = message.error()
           if error is not None:
@@ -176,6 +207,7 @@ class _ReadPartitionFn(beam.DoFn):
           if not tracker.try_claim(offset):
             # The rest belongs to a split-off residual or lies past a bounded stop.
             counter.inc(emitted)
+            yield from batch.emit()
             self._consumers.pop((topic, partition)).close()  # it has prefetched past the split; start afresh
             return
           kind, timestamp_ms = message.timestamp()
@@ -183,11 +215,11 @@ class _ReadPartitionFn(beam.DoFn):
             timestamp_ms = int(time.time() * 1000)
           if newest is None or timestamp_ms > newest:
             newest = timestamp_ms
-          yield TimestampedValue(RawRecord(prefix + str(offset), message.value()),
-                                 Timestamp(micros=timestamp_ms * 1000))
+          batch.add(offset, message.value(), timestamp_ms)
           next_offset = offset + 1
           emitted += 1
         counter.inc(emitted)
+        yield from batch.emit()
         if newest is not None:
           _advance(watermark_estimator, Timestamp(micros=newest * 1000) - self._delay)
         if next_offset >= tracker.current_restriction().stop:
@@ -233,7 +265,7 @@ def _check_start(start) -> None:
 
 
 class ReadFromKafkaNative(beam.PTransform):
-  """``config.topic`` -> PCollection[RawRecord], timestamped with the records' Kafka timestamps.
+  """``config.topic`` -> PCollection[RawBatch], one per poll and partition, timestamped with its earliest record.
 
   Where to start (``start``, or ``start_time`` which replaces it) and stop
   (``stop_at`` or ``stop_time``) are described in ``kafka_offsets.resolve_ranges``:
@@ -250,10 +282,13 @@ class ReadFromKafkaNative(beam.PTransform):
   def __init__(self, config: KafkaConfig, start: Start = "committed", stop_at: Stop = None,
                start_time: Optional[int] = None, stop_time: Optional[int] = None, batch_size: int = 5000,
                poll_timeout_s: float = 0.1, checkpoint_interval_s: float = 1.0, watermark_delay_ms: int = 0,
-               resolve_timeout_s: float = 30.0):
+               resolve_timeout_s: float = 30.0, history_below: Optional[Mapping[int, int]] = None):
+    """``history_below``: ``{partition: offset}``; records below it are marked ``history`` (feature state
+    only: an earlier run decided them)."""
     super().__init__()
     if not config.topic:
       raise ValueError("ReadFromKafkaNative needs config.topic")
+    self._history_below = {(config.topic, p): o for p, o in (history_below or {}).items()}
     _check_start(start)
     if stop_at is not None and stop_at != "end" and not isinstance(stop_at, Mapping):
       raise ValueError(f"stop_at must be None, 'end' or {{partition: offset}}, got {stop_at!r}")
@@ -296,44 +331,50 @@ class ReadFromKafkaNative(beam.PTransform):
     elements = [(topic, p, start, stop) for p, (start, stop) in sorted(self.offset_ranges().items())]
     fn_class = _ReadPartitionFn if self.bounded else _ReadLivePartitionFn
     fn = fn_class(self._config, self._batch_size, self._poll_timeout_s, self._checkpoint_interval_s,
-                  self._watermark_delay_ms)
+                  self._watermark_delay_ms, self._history_below)
     return (pbegin
             | "Partitions" >> beam.Create(elements)
-            | "ReadPartitions" >> beam.ParDo(fn).with_output_types(RawRecord))
+            | "ReadPartitions" >> beam.ParDo(fn).with_output_types(RawBatch))
 
 
 class ReadPartitionsLive(beam.PTransform):
-  """``{(topic, partition): start offset}`` -> PCollection[RawRecord], read live (unbounded).
+  """``{(topic, partition): start offset}`` -> PCollection[RawBatch], read live (unbounded).
 
   The same reader as ``ReadFromKafkaNative``, over partitions of several
   topics at once (the live hot path reads transactions and labels together).
   """
   def __init__(self, config: KafkaConfig, starts: Mapping[Tuple[str, int], int], batch_size: int = 5000,
-               poll_timeout_s: float = 0.02, checkpoint_interval_s: float = 0.5, watermark_delay_ms: int = 0):
+               poll_timeout_s: float = 0.02, checkpoint_interval_s: float = 0.5, watermark_delay_ms: int = 0,
+               history_below: Optional[Mapping[Tuple[str, int], int]] = None):
     super().__init__()
     if not starts:
       raise ValueError("ReadPartitionsLive needs at least one partition")
     self._config = config
     self._elements = [(topic, p, int(start), UNBOUNDED) for (topic, p), start in sorted(starts.items())]
-    self._fn_args = (batch_size, poll_timeout_s, checkpoint_interval_s, watermark_delay_ms)
+    self._fn_args = (batch_size, poll_timeout_s, checkpoint_interval_s, watermark_delay_ms, history_below)
 
   def expand(self, pbegin):
     return (pbegin
             | "Partitions" >> beam.Create(self._elements)
             | "ReadPartitions" >> beam.ParDo(_ReadLivePartitionFn(self._config, *self._fn_args))
-            .with_output_types(RawRecord))
+            .with_output_types(RawBatch))
 
 
 def parse_source(source: str) -> Tuple[str, int, int]:
-  """A Kafka ``RawRecord.source``, ``"topic/partition@offset"``, as (topic, partition, offset)."""
+  """A Kafka source position, ``"topic/partition@offset"``, as (topic, partition, offset)."""
   head, offset = source.rsplit("@", 1)
   topic, partition = head.rsplit("/", 1)
   return topic, int(partition), int(offset)
 
 
-def _to_raw(row) -> RawRecord:
-  value = row.value
-  return RawRecord(f"{row.topic}/{row.partition}@{row.offset}", None if value is None else bytes(value))
+def _to_raw(rows) -> RawBatch:
+  """Beam Rows of Java KafkaIO (with metadata) as one RawBatch."""
+  rows = list(rows)
+  return RawBatch(pa.Table.from_arrays([
+      pa.array([f"{r.topic}/{r.partition}@{r.offset}" for r in rows], pa.string()),
+      pa.array([None if r.value is None else bytes(r.value) for r in rows], pa.binary()),
+      pa.array([getattr(r, "timestamp", None) for r in rows], pa.int64()),
+      pa.array(np.zeros(len(rows), bool))], schema=contracts.RAW))
 
 
 def _expansion_failure(error: BaseException, expansion_service: Optional[str]) -> str:
@@ -350,7 +391,7 @@ def _expansion_failure(error: BaseException, expansion_service: Optional[str]) -
 
 
 class ReadFromKafkaXlang(beam.PTransform):
-  """``config.topic`` via Beam's Java KafkaIO -> PCollection[RawRecord] (unbounded; Flink, Dataflow).
+  """``config.topic`` via Beam's Java KafkaIO -> PCollection[RawBatch] (unbounded; Flink, Dataflow).
 
   ``start``: "committed" (the group's offsets, else the earliest), "earliest"
   or "latest"; ``start_time`` (epoch ms) replaces it. Element timestamps are
@@ -388,11 +429,13 @@ class ReadFromKafkaXlang(beam.PTransform):
       rows = pbegin | "ReadFromKafka" >> read
     except (RuntimeError, OSError, grpc.RpcError) as e:
       raise KafkaConfigError(_expansion_failure(e, self._expansion_service)) from e
-    return rows | "ToRawRecord" >> beam.Map(_to_raw).with_output_types(RawRecord)
+    return (rows
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=5000, max_batch_duration_secs=0.1)
+            | "ToRawBatch" >> beam.Map(_to_raw).with_output_types(RawBatch))
 
 
 class ReadTransactionsFromKafka(beam.PTransform):
-  """The transactions topic as RawRecords, through ``kafka_io`` "native" (default) or "xlang".
+  """The transactions topic as RawBatches, through ``kafka_io`` "native" (default) or "xlang".
 
   "xlang" reads live only: a bounded read (``stop_at``, ``stop_time``) or
   explicit start offsets need "native", and asking for them is a ``ValueError``.

@@ -1,87 +1,154 @@
-"""Cold tier: decisions as Parquet, partitioned by event date and hour.
+"""Cold tier: decisions as Parquet, one file per event day and writer, written in row groups.
 
-Files are written through Beam's ``FileSystems``, so the same code writes a
-local folder or ``s3://``. Names are deterministic per partition
-(``decisions/event_date=YYYY-MM-DD/event_hour=HH/part-00000.parquet``) and
-rows are sorted by ``transaction_id``: a rerun of the same window replaces the
-file instead of adding a second copy.
+Files are written through Beam's ``FileSystems`` (a local folder or ``s3://``)
+under ``decisions/event_date=YYYY-MM-DD/``. A writer appends each batch's rows
+of a day to that day's file as a row group, so a file holds every row a
+writer had for the day; files are staged on local disk and published (copied
+whole) when the writer finishes, so a crashed writer leaves no partial file.
+The published name is ``part-<file_tag>-<writer>.parquet``: ``file_tag``
+names what the run covered (fixed for a run over whole windows, the start
+offsets for an incremental Kafka run), ``writer`` the shards the writer held,
+so a rerun of the same input on the same runner replaces its files.
 """
 import datetime
 import functools
-import io
 import logging
-from typing import Iterable, Sequence
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from txstream.records import Decision
+from txstream.core import contracts
 
 _LOGGER = logging.getLogger(__name__)
+COMPRESSION = "zstd"
+ROW_GROUP_ROWS = 131_072
+BUFFER_ROWS = 524_288  # rows held across all days before the largest day is written out
 
 
-def decision_schema(feature_names: Sequence[str]) -> pa.Schema:
-  return pa.schema(
-      [("transaction_id", pa.string()), ("event_time", pa.timestamp("ms", tz="UTC")),
-       ("customer_id", pa.int64()), ("terminal_id", pa.int64()), ("card_token", pa.string()),
-       ("amount_minor", pa.int64()), ("currency", pa.string()), ("entry_mode", pa.string()),
-       ("merchant_category", pa.int32()), ("score", pa.float64()), ("decision", pa.string()),
-       ("reason_codes", pa.list_(pa.string())), ("model_version", pa.string()),
-       ("reference_version", pa.string()), ("pipeline_version", pa.string()), ("schema_id", pa.int32()),
-       ("source", pa.string()), ("decided_at", pa.timestamp("ms", tz="UTC"))]
-      + [(name.lower(), pa.float64()) for name in feature_names])
+def cold_schema() -> pa.Schema:
+  """The Parquet layout: decision columns, times as UTC timestamps."""
+  fields = []
+  for field in contracts.DECISION:
+    if field.name == "event_time_ms":
+      fields.append(pa.field("event_time", pa.timestamp("ms", tz="UTC")))
+    elif field.name == "decided_at_ms":
+      fields.append(pa.field("decided_at", pa.timestamp("ms", tz="UTC")))
+    else:
+      fields.append(field)
+  return pa.schema(fields)
 
 
-HOUR_MS = 3_600_000
+COLD_SCHEMA = cold_schema()
 
 
-@functools.lru_cache(maxsize=4096)
-def _partition_of_hour(hour: int) -> str:
-  moment = datetime.datetime.fromtimestamp(hour * 3600, tz=datetime.timezone.utc)
-  return f"event_date={moment:%Y-%m-%d}/event_hour={moment:%H}"
+def to_cold(decisions: pa.Table) -> pa.Table:
+  """contracts.DECISION rows in the cold-tier layout (zero-copy: the times are re-typed, not converted)."""
+  columns = []
+  for field, column in zip(COLD_SCHEMA, decisions.columns):
+    columns.append(column.cast(field.type) if field.type != column.type else column)
+  return pa.Table.from_arrays(columns, schema=COLD_SCHEMA)
 
 
-def partition_of(event_time_ms: int) -> str:
-  """``event_date=YYYY-MM-DD/event_hour=HH`` of an event time (UTC)."""
-  return _partition_of_hour(event_time_ms // HOUR_MS)
+@functools.lru_cache(maxsize=8192)
+def day_partition(day: int) -> str:
+  """``event_date=YYYY-MM-DD`` of a UTC epoch day."""
+  return f"event_date={datetime.date(1970, 1, 1) + datetime.timedelta(days=day):%Y-%m-%d}"
 
 
-def decision_row(d: Decision) -> tuple:
-  """A decision as a flat tuple of primitives in ``decision_schema`` column order.
+def event_days(decisions: pa.Table) -> np.ndarray:
+  return np.floor_divide(decisions.column("event_time_ms").to_numpy(), contracts.DAY_MS)
 
-  Cheap to encode and shuffle (no nested records), so the cold tier groups
-  rows, not Decisions.
+
+class DayFiles:
+  """One writer's Parquet files, one per event day, staged on local disk and published by ``publish``.
+
+  Staging locally keeps memory flat however many rows a writer gets, and
+  makes publishing a whole-file copy that can be retried after a store
+  outage. Not thread-safe; one per DoFn instance and bundle.
   """
-  t = d.transaction
-  return ((t.transaction_id, t.event_time_ms, t.customer_id, t.terminal_id, t.card_token, t.amount_minor,
-           t.currency, t.entry_mode, t.merchant_category, d.score, d.decision, list(d.reason_codes),
-           d.model_version, t.reference_version, d.pipeline_version, t.schema_id, t.source, d.decided_at_ms)
-          + tuple(d.features))
+
+  def __init__(self, root: str, row_group_rows: int = ROW_GROUP_ROWS, buffer_rows: int = BUFFER_ROWS):
+    self._root = root
+    self._row_group_rows = row_group_rows
+    self._buffer_rows = buffer_rows
+    self._dir: Optional[str] = None
+    self._open: Dict[int, pq.ParquetWriter] = {}
+    self._buffered: Dict[int, List[pa.Table]] = {}
+    self._buffered_rows: Dict[int, int] = {}
+    self.rows = 0
+
+  def _staged(self, day: int) -> str:
+    return os.path.join(self._dir, f"{day}.parquet")
+
+  def write(self, day: int, rows: pa.Table) -> None:
+    """Adds ``rows`` (contracts.DECISION, all of event day ``day``) to the day's file.
+
+    Rows are buffered per day and written as row groups of ``row_group_rows``
+    (a row group costs milliseconds whatever its size); past ``buffer_rows``
+    in all, the largest day's buffer is written out first.
+    """
+    self._buffered.setdefault(day, []).append(rows)
+    self._buffered_rows[day] = self._buffered_rows.get(day, 0) + rows.num_rows
+    self.rows += rows.num_rows
+    if self._buffered_rows[day] >= self._row_group_rows:
+      self._flush(day)
+    while sum(self._buffered_rows.values()) > self._buffer_rows:
+      self._flush(max(self._buffered_rows, key=self._buffered_rows.get))
+
+  def _flush(self, day: int) -> None:
+    tables = self._buffered.pop(day)
+    del self._buffered_rows[day]
+    writer = self._open.get(day)
+    if writer is None:
+      self._dir = self._dir or tempfile.mkdtemp(prefix="txstream-cold-")
+      writer = self._open[day] = pq.ParquetWriter(self._staged(day), COLD_SCHEMA, compression=COMPRESSION)
+    writer.write_table(to_cold(pa.concat_tables(tables)), row_group_size=self._row_group_rows)
+
+  def publish(self, name: str, retrying: Callable[[Callable[[], None], str], None]) -> int:
+    """Copies each day's file to ``decisions/event_date=.../part-<name>.parquet`` under the root.
+
+    ``retrying(copy, path)`` runs a copy, retrying it as it sees fit; each
+    copy replaces the whole object. Returns the rows published.
+    """
+    for day in list(self._buffered):
+      self._flush(day)
+    for writer in self._open.values():
+      writer.close()
+    for day in sorted(self._open):
+      final = FileSystems.join(self._root, "decisions", day_partition(day), f"part-{name}.parquet")
+      retrying(functools.partial(_copy, self._staged(day), final), final)
+    rows = self.rows
+    self.discard()
+    return rows
+
+  def discard(self) -> None:
+    """Drops the staged files (after publishing, or when the bundle failed and will be written again)."""
+    for writer in self._open.values():
+      try:
+        writer.close()
+      except (OSError, pa.ArrowException):
+        pass  # already closed or broken: it is deleted below anyway
+    if self._dir is not None:
+      shutil.rmtree(self._dir, ignore_errors=True)
+    self._open, self.rows, self._dir = {}, 0, None
+    self._buffered, self._buffered_rows = {}, {}
 
 
-def write_rows(root: str, partition: str, rows: Iterable[tuple], feature_names: Sequence[str],
-               file_tag: str = "00000") -> int:
-  """Writes (replaces) ``part-<file_tag>.parquet`` of a partition from ``decision_row`` tuples.
-
-  ``file_tag`` names what the run covered: the default for a run over whole
-  windows (files), the start offsets for an incremental Kafka run, so that a
-  retried run replaces its own file and the next run adds a new one.
-  Returns the number of rows.
-  """
-  rows = sorted(rows, key=lambda r: r[0])
-  schema = decision_schema(feature_names)
-  columns = list(zip(*rows)) if rows else [[] for _ in schema]
-  table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, schema)], schema=schema)
-  buf = io.BytesIO()
-  pq.write_table(table, buf, compression="zstd")
-  path = FileSystems.join(root, "decisions", partition, f"part-{file_tag}.parquet")
-  with FileSystems.create(path) as f:
-    f.write(buf.getvalue())
-  return len(rows)
+def _copy(local: str, destination: str) -> None:
+  with open(local, "rb") as source, FileSystems.create(destination) as target:
+    shutil.copyfileobj(source, target, 8 << 20)
 
 
-def write_partition(root: str, partition: str, decisions: Iterable[Decision],
-                    feature_names: Sequence[str]) -> int:
-  """Writes (replaces) one partition file of Decisions; returns the number of rows."""
-  return write_rows(root, partition, [decision_row(d) for d in decisions], feature_names)
+def read_cold(root: str, filesystem: Optional[pa.fs.FileSystem] = None) -> pa.Table:
+  """Every published cold-tier row under ``root`` (temporary files are skipped)."""
+  import pyarrow.dataset as ds
+  dataset = ds.dataset(f"{root.rstrip('/')}/decisions", format="parquet", partitioning="hive",
+                       filesystem=filesystem, exclude_invalid_files=False,
+                       ignore_prefixes=[".", "_"])
+  return dataset.to_table()

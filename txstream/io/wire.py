@@ -9,9 +9,11 @@ record's index in the file is its source position.
 import io
 import logging
 import struct
-from typing import BinaryIO, Iterator, Tuple
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
 
 import fastavro
+import numpy as np
+import pyarrow as pa
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -95,3 +97,83 @@ def read_frames(stream: BinaryIO) -> Iterator[Tuple[int, bytes]]:
       raise WireFormatError("truncated_frame", f"frame {index}: {len(body)} of {length} bytes")
     yield index, body
     index += 1
+
+
+class FrameBatch(NamedTuple):
+  """Consecutive messages of a framed file: the index of the first, and the messages."""
+  first_index: int
+  values: pa.BinaryArray
+
+
+_READ_BYTES = 4 << 20
+
+
+def read_frame_batches(stream: BinaryIO, max_records: int = 20_000) -> Iterator[FrameBatch]:
+  """Streams a framed file as batches of at most ``max_records`` messages, reading ~4 MiB at a time.
+
+  Raises WireFormatError (with ``.index``, the first record it could not
+  read) where ``read_frames`` would, after yielding every batch before it.
+  """
+  head = stream.read(len(FILE_MAGIC))
+  if head != FILE_MAGIC:
+    raise _framing("not_a_frame_file", "file does not start with the txstream frame header", 0)
+  buffer = b""
+  index = 0
+  while True:
+    more = stream.read(_READ_BYTES)
+    buffer += more
+    starts, lengths, used = _scan(buffer, max_records, index)
+    while starts:
+      yield FrameBatch(index, _binary(buffer, starts, lengths))
+      index += len(starts)
+      buffer = buffer[used:]
+      starts, lengths, used = _scan(buffer, max_records, index)
+    if not more:
+      if buffer:
+        if len(buffer) < FRAME.size:
+          raise _framing("truncated_frame", f"frame {index}: length prefix cut short", index)
+        (length,) = FRAME.unpack_from(buffer)
+        raise _framing("truncated_frame", f"frame {index}: {len(buffer) - FRAME.size} of {length} bytes", index)
+      return
+
+
+def _framing(reason: str, message: str, index: int) -> WireFormatError:
+  error = WireFormatError(reason, message)
+  error.index = index
+  return error
+
+
+def _scan(buffer: bytes, max_records: int, index: int) -> Tuple[List[int], List[int], int]:
+  """Complete frames at the start of ``buffer``: (body starts, body lengths, bytes they span)."""
+  starts, lengths = [], []
+  pos, end = 0, len(buffer)
+  unpack = FRAME.unpack_from
+  while pos + 4 <= end and len(starts) < max_records:
+    (length,) = unpack(buffer, pos)
+    if length > MAX_FRAME_BYTES:
+      if starts:
+        break  # hand over the frames before it first
+      raise _framing("oversized_frame", f"frame {index}: length {length} exceeds {MAX_FRAME_BYTES}", index)
+    if pos + 4 + length > end:
+      break
+    starts.append(pos + 4)
+    lengths.append(length)
+    pos += 4 + length
+  return starts, lengths, pos
+
+
+def _binary(buffer: bytes, starts: List[int], lengths: List[int]) -> pa.BinaryArray:
+  """The frames' bodies as one Arrow binary array (the 4-byte prefixes squeezed out)."""
+  data = np.frombuffer(buffer, dtype=np.uint8)
+  starts_np = np.asarray(starts, dtype=np.int64)
+  lengths_np = np.asarray(lengths, dtype=np.int64)
+  offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+  np.cumsum(lengths_np, out=offsets[1:])
+  # Each body moves left by 4 bytes per frame before it: one gather of the kept bytes.
+  first, last = starts[0], starts[-1] + lengths[-1]
+  keep = np.ones(last - first, dtype=bool)
+  prefixes = (starts_np[1:] - 4 - first)[:, None] + np.arange(4)
+  keep[prefixes.ravel()] = False
+  values = data[first:last][keep]
+  return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(starts),
+                                          [None, pa.py_buffer(offsets), pa.py_buffer(values)]).cast(pa.binary())

@@ -58,6 +58,14 @@ def load_metadata(model_dir: Optional[str], feature_names: Sequence[str]) -> dic
   return meta
 
 
+def load_model(model_dir: Optional[str]) -> "Model":
+  """The checked artifact of ``model_dir`` (default: the bundled model) as a ``core.decide.Model``."""
+  from txstream.core import contracts
+  from txstream.core.decide import Model
+  meta = load_metadata(model_dir, contracts.FEATURE_NAMES)
+  return Model.from_bytes(_read(meta["model_path"]), meta["version"])
+
+
 def write_artifact(model_dir: str, model_bytes: bytes, metadata: dict) -> dict:
   """Writes model + metadata; the version is the first 12 hex digits of the content hash."""
   digest = content_hash(model_bytes)

@@ -19,28 +19,30 @@ The artifact records feature order, training window, parameters, metrics and
 the content hash.
 """
 import glob
-import io
 import itertools
 import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
-import fastavro
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import xgboost
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from txstream.core import contracts, decide, decode
+from txstream.core.contracts import FEATURE_NAMES
 from txstream.io import schema_registry, wire
 from txstream.models import artifacts, protocol
 from txstream.models.evaluate import detection_metrics
 from txstream.pipelines.graph import build_features
 from txstream.runners.profiles import runner_for
-from txstream.transforms.features import FEATURE_NAMES
+from txstream.transforms.read import raw_table
 
 _LOGGER = logging.getLogger(__name__)
 DAY_MS = 86_400_000
@@ -78,36 +80,39 @@ class FeatureTable(NamedTuple):
   customer: np.ndarray
 
 
-def _feature_row(featured):
-  tx = featured.transaction
-  return {"transaction_id": tx.transaction_id, "event_time_ms": tx.event_time_ms,
-          "customer_id": tx.customer_id, "features": list(featured.features)}
+_KEEP = ["transaction_id", "event_time_ms", "customer_id"] + list(contracts.FEATURE_COLUMNS)
+
+
+class _WriteFeaturesFn(beam.DoFn):
+  """Each FeaturedBatch (own rows only) as one Parquet file of ids, times, customers and features."""
+  def __init__(self, directory: str):
+    self._directory = directory
+
+  def process(self, batch):
+    table = batch.table
+    table = table.filter(pa.compute.invert(table.column("history"))).select(_KEEP)
+    if table.num_rows:
+      pq.write_table(table, os.path.join(self._directory, f"features-{uuid.uuid4().hex}.parquet"))
 
 
 def compute_features(input_dir: str, out_dir: str, beam_args=()) -> str:
   """Runs the feature part of the graph over ``input_dir``; returns the Parquet glob."""
-  schema = pa.schema([("transaction_id", pa.string()), ("event_time_ms", pa.int64()),
-                      ("customer_id", pa.int64()), ("features", pa.list_(pa.float64()))])
   options = PipelineOptions(["--input", input_dir, *beam_args])
-  prefix = os.path.join(out_dir, "features")
   with beam.Pipeline(runner=runner_for(options), options=options) as p:
     outputs = build_features(p, options)
-    _ = (outputs.featured
-         | "Rows" >> beam.Map(_feature_row)
-         | "Write" >> beam.io.WriteToParquet(prefix, schema, file_name_suffix=".parquet"))
-  return prefix + "*.parquet"
+    _ = outputs.featured | "Write" >> beam.ParDo(_WriteFeaturesFn(out_dir))
+  return os.path.join(out_dir, "features-*.parquet")
 
 
 def read_fraud_ids(input_dir: str) -> set:
-  registry = schema_registry.FileSchemaRegistry()
+  decoder = decode.Decoder(schema_registry.FileSchemaRegistry(), schema_registry.LABEL_SUBJECT)
   frauds = set()
   for path in sorted(glob.glob(os.path.join(input_dir, "labels", "*.wire"))):
     with open(path, "rb") as f:
-      for _, message in wire.read_frames(f):
-        schema_id, body = wire.split_header(message)
-        record = fastavro.schemaless_reader(io.BytesIO(body), registry.parsed(schema_id), None)
-        if record["is_fraud"]:
-          frauds.add(record["transaction_id"])
+      for frames in wire.read_frame_batches(f):
+        labels, _ = decode.decode_labels(raw_table(os.path.basename(path), frames.first_index, frames.values),
+                                         decoder)
+        frauds.update(labels.filter(labels.column("is_fraud")).column("transaction_id").to_pylist())
   return frauds
 
 
@@ -118,8 +123,7 @@ def load_features(pattern: str, fraud_ids: set) -> FeatureTable:
   table = pa.concat_tables([pq.read_table(p) for p in paths])
   table = table.sort_by([("event_time_ms", "ascending"), ("transaction_id", "ascending")])
   ids = table.column("transaction_id").to_pylist()
-  x = (table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-       .reshape(len(ids), len(FEATURE_NAMES)).astype(np.float32))
+  x = decide.feature_matrix(table)
   y = np.array([i in fraud_ids for i in ids], dtype=bool)
   t = table.column("event_time_ms").to_numpy()
   return FeatureTable(ids, x, y, t, t // DAY_MS, table.column("customer_id").to_numpy())

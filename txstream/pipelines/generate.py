@@ -199,13 +199,13 @@ def _keyed(directory: str, subject: str, time_field: str) -> Iterator[Tuple[int,
   A damaged message cannot be read: it keeps the time of the one before it and
   goes out without a key.
   """
-  from txstream.transforms import validate
-  decoder = validate.decoder(None, subject)
+  from txstream.core import decode, validate
+  decoder = decode.Decoder(schema_registry.FileSchemaRegistry(), subject)
   last = 0
   for _, message, _ in _messages(directory):
     key = None
     try:
-      _, record = decoder.decode(message)
+      _, record = decoder.decode_message(message)
       last, key = record[time_field], str(record["customer_id"])
     except (wire.WireFormatError, validate.InvalidRecord):  # damaged on purpose (--corrupt_fraction)
       pass

@@ -1,52 +1,53 @@
 """The one graph: ReadTransactions -> DecodeAndValidate -> Enrich -> ComputeFeatures -> Score -> WriteTiers.
 
 ``build_graph`` wires the composites from parsed options and returns the
-output PCollections, so tests can swap any source (``Create``, ``TestStream``)
-and check any stage. Nothing here runs the pipeline.
+output PCollections (of batches), so tests can swap any source (``Create``,
+``TestStream``) and check any stage. Nothing here runs the pipeline.
 """
 import dataclasses
 import hashlib
 import logging
 import os
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import StandardOptions
 
+from txstream.core.batch import DeadLetterBatch
+from txstream.core.enrich import Reference
 from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
-from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka, parse_source
-from txstream.records import DeadLetter, RawRecord
-from txstream.transforms.enrich import Enrich, ReadReference, reference_version
+from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka
+from txstream.transforms.enrich import Enrich
 from txstream.transforms.features import ComputeFeatures
-from txstream.transforms.read import ReadLabels, ReadTransactions
+from txstream.transforms.read import ReadFromSource, ReadLabels, ReadResult, ReadTransactions
 from txstream.transforms.score import Score
 from txstream.transforms.tiers import TierConfig, WriteDeadLetters, WriteTiers
 from txstream.transforms.validate import DecodeAndValidate, DecodeLabels
 
 _LOGGER = logging.getLogger(__name__)
 
+Ranges = Dict[int, Tuple[int, int]]
+
 
 class GraphOutputs(NamedTuple):
-  decisions: beam.PCollection
-  dead_letters: beam.PCollection
+  decisions: beam.PCollection      # DecisionBatch
+  dead_letters: beam.PCollection   # DeadLetterBatch of the transactions
   label_dead_letters: beam.PCollection
-  filtered: beam.PCollection
+  filtered: beam.PCollection       # TransactionBatch of exact duplicates
   tier_writes: dict
   model_version: str
   reference_version: Optional[str] = None
-  kafka_ranges: Optional[dict] = None
-  label_ranges: Optional[dict] = None
+  kafka_ranges: Optional[Ranges] = None
+  label_ranges: Optional[Ranges] = None
+  rules_version: Optional[str] = None
 
 
 class Sources(NamedTuple):
-  """Optional replacements for the graph's sources (tests, Kafka)."""
+  """Optional replacements for the graph's sources (tests): PCollections of RawBatch, in-memory reference data."""
   raw: Optional[beam.PCollection] = None
   raw_labels: Optional[beam.PCollection] = None
-  customers: Optional[beam.PCollection] = None
-  terminals: Optional[beam.PCollection] = None
-  reference_version: Optional[str] = None
+  reference: Optional[Reference] = None
 
 
 class FeatureOutputs(NamedTuple):
@@ -55,156 +56,100 @@ class FeatureOutputs(NamedTuple):
   dead_letters: beam.PCollection
   label_dead_letters: beam.PCollection
   reference_version: Optional[str] = None
-  kafka_ranges: Optional[dict] = None
-  label_ranges: Optional[dict] = None
+  kafka_ranges: Optional[Ranges] = None
+  label_ranges: Optional[Ranges] = None
 
 
-_EVENTS_IN = Metrics.counter("txstream", "events_in")
+class _KafkaSources(NamedTuple):
+  transactions: beam.PTransform
+  labels: Optional[beam.PTransform]
+  ranges: Optional[Ranges]
+  label_ranges: Optional[Ranges]
 
 
-def _count_in(record: RawRecord) -> RawRecord:
-  if not record.source.startswith(_Current.HISTORY):
-    _EVENTS_IN.inc()
-  return record
-
-
-class _Current:
-  """Kafka history: records below a partition's start offset feed feature state only.
-
-  They are read with their source prefixed by ``HISTORY``, so every stage
-  treats them like any other record (same features, same order), and the run
-  drops what they produce (decisions, dead letters, filtered duplicates)
-  before scoring and writing: an earlier run already did that for them.
-  """
-  HISTORY = "history:"
-
-  def __init__(self, starts: dict):
-    self._starts = dict(starts)
-
-  def mark(self, record: RawRecord) -> RawRecord:
-    _, partition, offset = parse_source(record.source)
-    if offset < self._starts.get(partition, 0):
-      return record._replace(source=self.HISTORY + record.source)
-    return record
-
-  @classmethod
-  def keep(cls, source: str) -> bool:
-    return not source.startswith(cls.HISTORY)
-
-
-class _DropHistory(beam.DoFn):
-  """Drops what history records produced; a dropped dead letter or filtered record is taken back out of
-  the counter its stage incremented, so the run's summary accounts for its own records only."""
-  def __init__(self, source_of, counter_of=None):
-    self._source_of = source_of
-    self._counter_of = counter_of
-
-  def process(self, element):
-    if _Current.keep(self._source_of(element)):
-      yield element
-    elif self._counter_of is not None:
-      Metrics.counter("txstream", self._counter_of(element)).dec()
-
-
-def _own_outputs(current, featured, filtered, dead):
-  if current is None:
-    return featured, filtered, dead
-  return (featured | "OwnFeatured" >> beam.ParDo(_DropHistory(lambda f: f.transaction.source)),
-          filtered | "OwnFiltered" >> beam.ParDo(_DropHistory(lambda kv: kv[1].source, lambda kv: f"filtered.{kv[0]}")),
-          dead | "OwnDeadLetters" >> beam.ParDo(_DropHistory(lambda d: d.source,
-                                                             lambda d: f"dead_letter.{d.stage}.{d.reason}")))
-
-
-def kafka_transactions(options) -> ReadTransactionsFromKafka:
-  """The Kafka source the options ask for; bounded unless the pipeline is streaming.
+def _kafka_sources(options) -> _KafkaSources:
+  """The Kafka reads the options ask for: bounded unless streaming; history marked for feature state.
 
   A bounded read starts at the group's committed offsets (``--kafka_start``)
-  and stops at the end offsets fixed when the graph is built, so the driver
-  knows exactly which offsets to commit once every tier has written.
+  and stops at the end offsets fixed here, so the driver knows exactly which
+  offsets to commit once every tier has written. With ``--kafka_history
+  earliest`` it also reads each partition from its earliest offset, the
+  records below the start marked as history: they go through every stage for
+  feature state, and their outcomes (an earlier run's) are dropped. Labels:
+  every label so far, those below the group's offsets as history.
   """
   flags = options.view_as(KafkaOptions)
+  config = KafkaConfig.from_options(options)
   streaming = options.view_as(StandardOptions).streaming
   stop_at = flags.kafka_stop_at or (None if streaming or flags.kafka_stop_time_ms else "end")
-  return ReadTransactionsFromKafka(
-      KafkaConfig.from_options(options), kafka_io=flags.kafka_io, start=flags.kafka_start, stop_at=stop_at,
-      start_time=flags.kafka_start_time_ms, stop_time=flags.kafka_stop_time_ms,
-      expansion_service=flags.expansion_service)
+  read = ReadTransactionsFromKafka(config, kafka_io=flags.kafka_io, start=flags.kafka_start, stop_at=stop_at,
+                                   start_time=flags.kafka_start_time_ms, stop_time=flags.kafka_stop_time_ms,
+                                   expansion_service=flags.expansion_service)
+  ranges = read.reader.offset_ranges() if hasattr(read.reader, "offset_ranges") else None
+  if ranges is not None and flags.kafka_history == "earliest":
+    read = ReadFromKafkaNative(config, start="earliest", stop_at={p: stop for p, (_, stop) in ranges.items()},
+                               history_below={p: start for p, (start, _) in ranges.items()})
+  labels, label_ranges = None, None
+  if flags.labels_topic:
+    label_config = dataclasses.replace(config, topic=flags.labels_topic)
+    if streaming:
+      labels = ReadFromKafkaNative(label_config, start="earliest")
+    else:
+      label_ranges = ReadFromKafkaNative(label_config, start="committed", stop_at="end").offset_ranges()
+      labels = ReadFromKafkaNative(label_config, start="earliest",
+                                   stop_at={p: stop for p, (_, stop) in label_ranges.items()},
+                                   history_below={p: start for p, (start, _) in label_ranges.items()})
+  return _KafkaSources(read, labels, ranges, label_ranges)
+
+
+def _reads(pipeline: beam.Pipeline, options, sources: Sources):
+  """(transactions ReadResult, labels ReadResult or None, Kafka ranges, label ranges)."""
+  src = options.view_as(SourceOptions)
+  kafka = _kafka_sources(options) if sources.raw is None and options.view_as(KafkaOptions).topic else None
+  if sources.raw is not None:
+    raw = ReadResult(sources.raw, pipeline | "NoReadDeadLetters" >> beam.Create([]).with_output_types(DeadLetterBatch))
+  elif kafka is not None:
+    raw = pipeline | "ReadTransactions" >> ReadFromSource(kafka.transactions)
+  else:
+    raw = pipeline | "ReadTransactions" >> ReadTransactions(src.input)
+  labels = None
+  if sources.raw_labels is not None:
+    labels = ReadResult(sources.raw_labels,
+                        pipeline | "NoLabelReadDeadLetters" >> beam.Create([]).with_output_types(DeadLetterBatch))
+  elif kafka is not None and kafka.labels is not None:
+    labels = pipeline | "ReadLabels" >> ReadFromSource(kafka.labels, "labels")
+  elif src.input:
+    labels = pipeline | "ReadLabels" >> ReadLabels(src.input)
+  return raw, labels, kafka.ranges if kafka else None, kafka.label_ranges if kafka else None
 
 
 def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> FeatureOutputs:
   """Read -> DecodeAndValidate -> Enrich -> ComputeFeatures: shared by scoring and training."""
   src = options.view_as(SourceOptions)
   feat = options.view_as(FeatureOptions)
-  raw = sources.raw
-  read_dead = []
-  kafka_ranges = None
-  current = None  # with Kafka history: whether a source position is the run's own (not history)
-  if raw is None and options.view_as(KafkaOptions).topic:
-    kafka_read = kafka_transactions(options)
-    if hasattr(kafka_read.reader, "offset_ranges"):
-      kafka_ranges = kafka_read.reader.offset_ranges()
-    if options.view_as(KafkaOptions).kafka_history == "earliest" and kafka_ranges is not None:
-      current = _Current({p: start for p, (start, _) in kafka_ranges.items()})
-      kafka_read = ReadFromKafkaNative(KafkaConfig.from_options(options), start="earliest",
-                                       stop_at={p: stop for p, (_, stop) in kafka_ranges.items()})
-    raw = pipeline | "ReadTransactionsFromKafka" >> kafka_read
-    if current is not None:
-      raw = raw | "Marked" >> beam.Map(current.mark).with_output_types(RawRecord)
-    raw = raw | "CountIn" >> beam.Map(_count_in).with_output_types(RawRecord)
-  elif raw is None:
-    read = pipeline | "ReadTransactions" >> ReadTransactions(src.input)
-    raw, read_dead = read.records, [read.dead_letters]
-  raw_labels = sources.raw_labels
-  label_dead = []
-  labels_topic = options.view_as(KafkaOptions).labels_topic
-  label_ranges = None
-  label_current = None
-  if raw_labels is None and labels_topic and not src.input:
-    # Every label so far (bounded: up to the end when the run starts): a run's
-    # terminal features need the frauds known before its first transaction.
-    # Labels below the group's committed offsets were read by an earlier run:
-    # history, whose dead letters that run already wrote.
-    config = dataclasses.replace(KafkaConfig.from_options(options), topic=labels_topic)
-    if options.view_as(StandardOptions).streaming:
-      raw_labels = pipeline | "ReadLabelsFromKafka" >> ReadFromKafkaNative(config, start="earliest")
-    else:
-      label_ranges = ReadFromKafkaNative(config, start="committed", stop_at="end").offset_ranges()
-      label_current = _Current({p: start for p, (start, _) in label_ranges.items()})
-      raw_labels = (pipeline
-                    | "ReadLabelsFromKafka" >> ReadFromKafkaNative(
-                        config, start="earliest", stop_at={p: stop for p, (_, stop) in label_ranges.items()})
-                    | "MarkedLabels" >> beam.Map(label_current.mark).with_output_types(RawRecord))
-  if raw_labels is None and src.input:
-    labels_read = pipeline | "ReadLabels" >> ReadLabels(src.input)
-    raw_labels, label_dead = labels_read.records, [labels_read.dead_letters]
-  customers, terminals, version = sources.customers, sources.terminals, sources.reference_version
-  if customers is None:
-    reference_dir = src.reference_dir or os.path.join(src.input or ".", "reference")
-    customers, terminals = pipeline | "ReadReference" >> ReadReference(reference_dir)
-    version = reference_version(reference_dir)
-
-  decoded = raw | "DecodeAndValidate" >> DecodeAndValidate(src.schema_registry_url)
-  labels = None
+  raw, raw_labels, kafka_ranges, label_ranges = _reads(pipeline, options, sources)
+  if sources.reference is not None:
+    enrich = Enrich(reference=sources.reference)
+  else:
+    enrich = Enrich(src.reference_dir or os.path.join(src.input or ".", "reference"))
+  decoded = raw.records | "DecodeAndValidate" >> DecodeAndValidate(src.schema_registry_url)
+  labels, label_dead = None, []
   if raw_labels is not None:
-    decoded_labels = raw_labels | "DecodeLabels" >> DecodeLabels(src.schema_registry_url)
-    labels = decoded_labels.valid
-    label_dead.append(decoded_labels.dead_letters)
-  enriched = decoded.valid | "Enrich" >> Enrich(customers, terminals, version)
-  bounded = not options.view_as(StandardOptions).streaming
+    decoded_labels = raw_labels.records | "DecodeLabels" >> DecodeLabels(src.schema_registry_url)
+    labels, label_dead = decoded_labels.valid, [raw_labels.dead_letters, decoded_labels.dead_letters]
+  enriched = decoded.valid | "Enrich" >> enrich
   features = enriched.enriched | "ComputeFeatures" >> ComputeFeatures(
-      labels, feat.allowed_lateness_s, feat.terminal_delay_days, bounded=bounded)
-  dead = (read_dead + [decoded.dead_letters, enriched.dead_letters, features.dead_letters]
-          ) | "AllDeadLetters" >> beam.Flatten()
-  label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetter)]
+      labels, feat.allowed_lateness_s, feat.terminal_delay_days,
+      bounded=not options.view_as(StandardOptions).streaming)
+  dead = ((raw.dead_letters, decoded.dead_letters, enriched.dead_letters, features.dead_letters)
+          | "AllDeadLetters" >> beam.Flatten())
+  label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetterBatch)]
                 ) | "AllLabelDeadLetters" >> beam.Flatten()
-  featured, filtered, dead = _own_outputs(current, features.featured, features.filtered, dead)
-  if label_current is not None:
-    label_dead = label_dead | "OwnLabelDeadLetters" >> beam.ParDo(
-        _DropHistory(lambda d: d.source, lambda d: "label_dead_letter.decode"))
-  return FeatureOutputs(featured, filtered, dead, label_dead, version, kafka_ranges, label_ranges)
+  return FeatureOutputs(features.featured, features.filtered, dead, label_dead, enrich.reference_version,
+                        kafka_ranges, label_ranges)
 
 
-def kafka_file_tag(topic: str, ranges: dict) -> str:
+def kafka_file_tag(topic: str, ranges: Ranges) -> str:
   """A file tag for an incremental Kafka run: the same for a retry of a run (same start offsets)."""
   starts = ",".join(f"{p}:{start}" for p, (start, _) in sorted(ranges.items()))
   return "k" + hashlib.sha1(f"{topic}|{starts}".encode()).hexdigest()[:12]
@@ -217,19 +162,22 @@ def build_tiers(options) -> WriteTiers:
                                tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url))
 
 
-def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
-                write_tiers: Optional[WriteTiers] = None) -> GraphOutputs:
-  """The whole graph; returns decisions, dead letters, filtered records and tier write results."""
+def _score(pipeline: beam.Pipeline, options) -> Score:
   score_opts = options.view_as(ScoreOptions)
-  tiers = options.view_as(TierOptions)
-  # Constructing Score first checks the model and rules before anything is read.
   model_updates = None
   if score_opts.model_watch_pattern:
     if not options.view_as(StandardOptions).streaming:
       raise ValueError("--model_watch_pattern needs --streaming (a bounded run scores with one model)")
     from apache_beam.ml.inference.utils import WatchFilePattern
     model_updates = pipeline | "WatchModels" >> WatchFilePattern(file_pattern=score_opts.model_watch_pattern)
-  score = Score(score_opts.model_dir, score_opts.rules, score_opts.inference_batch_size, model_updates)
+  return Score(score_opts.model_dir, score_opts.rules, model_updates)
+
+
+def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
+                write_tiers: Optional[WriteTiers] = None) -> GraphOutputs:
+  """The whole graph; returns decisions, dead letters, filtered records and tier write results."""
+  tiers = options.view_as(TierOptions)
+  score = _score(pipeline, options)  # checks the model and rules before anything is read
   write_tiers = write_tiers or build_tiers(options)
   features = build_features(pipeline, options, sources)
   decisions = features.featured | "Score" >> score
@@ -258,4 +206,4 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
         all_dead | "WriteDeadLettersToPostgres" >> WriteDeadLettersToPostgres(tiers.postgres_dsn)).written
   return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, written,
                       score.model_version, features.reference_version, features.kafka_ranges,
-                      features.label_ranges)
+                      features.label_ranges, score.rules_version)

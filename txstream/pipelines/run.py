@@ -126,6 +126,7 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   summary = summarize(counters(result), wall, outputs.model_version)
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
+  summary["rules_version"] = outputs.rules_version
   if outputs.kafka_ranges is not None:
     # Only now, with every tier written, do the offsets move on: a run that
     # dies earlier leaves them where they were and the next run rereads its

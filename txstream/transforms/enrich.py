@@ -1,28 +1,23 @@
-"""Enrich: join each transaction with customer and terminal reference data.
+"""Enrich: join each batch with customer and terminal reference data (``core.enrich``).
 
-Reference data arrives as side inputs (``AsDict``), so the same transform
-works whether the tables come from files, a database snapshot or ``Create`` in
-a test. The reference-data version (a content hash) is stamped on every
-transaction for lineage. A transaction whose customer is not on file is a dead
-letter (a card the bank never issued); an unknown terminal (a new merchant) is
-kept with no distance, and counted.
+The reference files are read once per worker (``apache_beam.utils.shared``)
+into sorted arrays; the reference-data version (their content hash) is
+stamped on every row for lineage. A transaction whose customer is not on file
+is a dead letter; an unknown terminal is kept with no distance, and counted.
 """
-import hashlib
 import logging
-import math
-import os
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
 
-from txstream.records import DeadLetter, Transaction, dead_letter
+from txstream.core import enrich
+from txstream.core.batch import DeadLetterBatch, TransactionBatch
+from txstream.transforms import counting
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "txstream"
 DEAD = "dead_letters"
-STAGE = "enrich"
 
 
 class EnrichResult(NamedTuple):
@@ -30,92 +25,69 @@ class EnrichResult(NamedTuple):
   dead_letters: beam.PCollection
 
 
-def reference_version(reference_dir: str) -> str:
-  """Content hash of the reference files: the same data always has the same version."""
-  digest = hashlib.sha256()
-  for name in ("customers.avro", "terminals.avro"):
-    with FileSystems.open(FileSystems.join(reference_dir, name)) as f:
-      digest.update(f.read())
-  return digest.hexdigest()[:16]
+def _read(path: str) -> bytes:
+  with FileSystems.open(path) as f:
+    return f.read()
 
 
-def load_reference(reference_dir: str) -> Tuple[dict, dict]:
-  """The reference files as the dicts ``enrich`` takes, read in this process (the live hot path)."""
-  import fastavro
-  tables = []
-  for name, key, fields in (("customers.avro", "customer_id", ("home_x", "home_y", "segment")),
-                            ("terminals.avro", "terminal_id", ("x", "y", "merchant_category"))):
-    with FileSystems.open(FileSystems.join(reference_dir, name)) as f:
-      tables.append({r[key]: tuple(r[k] for k in fields) for r in fastavro.reader(f)})
-  return tables[0], tables[1]
+def load_reference(reference_dir: str) -> enrich.Reference:
+  """The reference files of ``reference_dir`` (local or any Beam filesystem) as arrays."""
+  customers, terminals = (_read(FileSystems.join(reference_dir, name)) for name in enrich.REFERENCE_FILES)
+  return enrich.Reference.from_avro(customers, terminals)
 
 
-def enrich(tx: Transaction, customers, terminals, version: str) -> Optional[Transaction]:
-  """``tx`` with segment, home distance and reference version; None when its customer is not on file."""
-  customer = customers.get(tx.customer_id)
-  if customer is None:
-    return None
-  terminal = terminals.get(tx.terminal_id)
-  distance = None
-  if terminal is not None:
-    distance = round(math.hypot(customer[0] - terminal[0], customer[1] - terminal[1]), 3)
-  return tx._replace(customer_segment=customer[2], home_distance=distance, reference_version=version)
+class _Shareable:
+  """A weak-referenceable holder, as ``shared.Shared`` requires."""
+  def __init__(self, reference: enrich.Reference):
+    self.reference = reference
 
 
 class _EnrichFn(beam.DoFn):
-  def __init__(self, version: str):
-    self._version = version
-    self._unknown_terminal = Metrics.counter(NAMESPACE, "enrich_unknown_terminal")
-    self._dead = Metrics.counter(NAMESPACE, f"dead_letter.{STAGE}.unknown_customer")
+  def __init__(self, reference_dir: Optional[str], reference: Optional[enrich.Reference]):
+    self._reference_dir = reference_dir
+    self._given = reference
+    self._shared = shared.Shared()
 
-  def process(self, tx: Transaction, customers, terminals):
-    enriched = enrich(tx, customers, terminals, self._version)
-    if enriched is None:
-      self._dead.inc()
-      yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-          tx.source, None, STAGE, "unknown_customer", message=f"customer {tx.customer_id} is not on file"))
-      return
-    if enriched.home_distance is None:
-      self._unknown_terminal.inc()
-    yield enriched
+  def setup(self):
+    if self._given is not None:
+      self._reference = self._given
+    else:
+      self._reference = self._shared.acquire(lambda: _Shareable(load_reference(self._reference_dir)),
+                                             tag=self._reference_dir).reference
+
+  def process(self, batch: TransactionBatch):
+    enriched, dead = enrich.enrich(batch.table, self._reference)
+    counting.inc("enrich_unknown_terminal", enrich.unknown_terminals(enriched))
+    counting.dead_letters(dead)
+    if enriched.num_rows:
+      yield TransactionBatch(enriched)
+    if dead.num_rows:
+      yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
 
 
-class Enrich(beam.PTransform):
-  """Transactions -> (enriched Transactions, DeadLetters).
+class Enrich(beam.PTransform[beam.PCollection[TransactionBatch], EnrichResult]):
+  """TransactionBatches -> (enriched TransactionBatches, DeadLetterBatches of unknown customers).
 
-  ``customers``: PCollection of (customer_id, (home_x, home_y, segment));
-  ``terminals``: PCollection of (terminal_id, (x, y, merchant_category)).
+  Give ``reference_dir`` (read by each worker) or an in-memory ``reference``
+  (tests, small tables). Fails at construction when the directory cannot be
+  read: the reference version is known before anything runs.
   """
-  def __init__(self, customers, terminals, version: str):
+  def __init__(self, reference_dir: Optional[str] = None, reference: Optional[enrich.Reference] = None):
     super().__init__()
-    if not version:
-      raise ValueError("a reference-data version is required for lineage")
-    self._customers = customers
-    self._terminals = terminals
-    self._version = version
+    if (reference_dir is None) == (reference is None):
+      raise ValueError("give reference_dir or reference")
+    if reference is None:
+      reference = load_reference(reference_dir)
+      self._version = reference.version
+      reference = None  # workers read it themselves: the graph does not carry the tables
+    else:
+      self._version = reference.version
+    self._fn = _EnrichFn(reference_dir, reference)
 
-  def expand(self, transactions):
-    results = transactions | "Join" >> beam.ParDo(
-        _EnrichFn(self._version),
-        customers=beam.pvalue.AsDict(self._customers),
-        terminals=beam.pvalue.AsDict(self._terminals)).with_outputs(DEAD, main="enriched")
-    return EnrichResult(results.enriched,
-                        results[DEAD])
+  @property
+  def reference_version(self) -> str:
+    return self._version
 
-
-class ReadReference(beam.PTransform):
-  """Reads reference Avro files into the keyed shapes ``Enrich`` expects."""
-  def __init__(self, reference_dir: str):
-    super().__init__()
-    self._dir = reference_dir
-
-  def expand(self, pbegin):
-    customers = (
-        pbegin
-        | "Customers" >> beam.io.ReadFromAvro(os.path.join(self._dir, "customers.avro"))
-        | "KeyCustomers" >> beam.Map(lambda c: (c["customer_id"], (c["home_x"], c["home_y"], c["segment"]))))
-    terminals = (
-        pbegin
-        | "Terminals" >> beam.io.ReadFromAvro(os.path.join(self._dir, "terminals.avro"))
-        | "KeyTerminals" >> beam.Map(lambda t: (t["terminal_id"], (t["x"], t["y"], t["merchant_category"]))))
-    return customers, terminals
+  def expand(self, batches):
+    results = batches | "Join" >> beam.ParDo(self._fn).with_outputs(DEAD, main="enriched")
+    return EnrichResult(results.enriched, results[DEAD])

@@ -1,24 +1,31 @@
-"""ReadTransactions: raw wire-format messages from files (Kafka in a later stage).
+"""ReadTransactions, ReadLabels: framed wire-format files as batches of undecoded messages.
 
-Each output element is a ``RawRecord`` holding one undecoded message and its
-source position. Decoding happens in ``DecodeAndValidate`` so that every
-damaged message becomes a dead letter with its position, never an exception
-that fails the bundle.
+Each output element is a ``RawBatch`` of consecutive messages of one file,
+with every message's source position (``file#index``); files are streamed in
+batches, never read whole. Decoding happens in ``DecodeAndValidate``, so every
+damaged message becomes a dead letter with its position. Damage to the
+framing itself makes the rest of the file unreadable: one dead letter stands
+for it (stage ``read``) and counts as one input.
 """
 import logging
 import os
 from typing import NamedTuple
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
+from txstream.core import contracts, dead_letters
+from txstream.core.batch import DeadLetterBatch, RawBatch
 from txstream.io import wire
-from txstream.records import DeadLetter, RawRecord, dead_letter
+from txstream.transforms import counting
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "txstream"
 DEAD = "dead_letters"
+BATCH_RECORDS = 20_000
 
 
 class ReadResult(NamedTuple):
@@ -26,40 +33,46 @@ class ReadResult(NamedTuple):
   dead_letters: beam.PCollection
 
 
+def raw_table(name: str, first_index: int, values: pa.Array) -> pa.Table:
+  """contracts.RAW rows for messages ``first_index``... of file ``name``."""
+  n = len(values)
+  positions = pa.array(np.arange(first_index, first_index + n), pa.int64()).cast(pa.string())
+  sources = pa.compute.binary_join_element_wise(pa.scalar(f"{name}#"), positions, "")
+  return pa.Table.from_arrays([sources, values, pa.nulls(n, pa.int64()), pa.array(np.zeros(n, bool))],
+                              schema=contracts.RAW)
+
+
 class _ReadFramesFn(beam.DoFn):
-  """Reads one framed file; damage to the framing dead-letters the unreadable rest."""
-  def __init__(self, stream: str):
-    self._stream = stream
-    self._records = Metrics.counter(NAMESPACE, f"{stream}_in")
+  def __init__(self, stream: str, batch_records: int):
+    self._batch_records = batch_records
+    self._records = Metrics.counter(contracts.NAMESPACE, f"{stream}_in")
+    self._dead = "dead_letter" if stream == "events" else "label_dead_letter"
 
   def process(self, readable: fileio.ReadableFile):
-    path = readable.metadata.path
-    name = os.path.basename(path)
-    last = -1
+    name = os.path.basename(readable.metadata.path)
     try:
       with readable.open(compression_type=beam.io.filesystem.CompressionTypes.UNCOMPRESSED) as f:
-        for index, message in wire.read_frames(f):
-          last = index
-          self._records.inc()
-          yield RawRecord(f"{name}#{index}", message)
+        for frames in wire.read_frame_batches(f, self._batch_records):
+          self._records.inc(len(frames.values))
+          yield RawBatch(raw_table(name, frames.first_index, frames.values))
     except wire.WireFormatError as e:
-      # The rest of the file cannot be split into records: one dead letter
-      # stands for it and is counted as one input.
       self._records.inc()
-      prefix = "dead_letter" if self._stream == "events" else "label_dead_letter"
-      Metrics.counter(NAMESPACE, f"{prefix}.read.{e.reason}").inc()
-      yield beam.pvalue.TaggedOutput(
-          DEAD, dead_letter(f"{name}#{last + 1}", None, "read", e.reason, e))
+      Metrics.counter(contracts.NAMESPACE, f"{self._dead}.{contracts.READ}.{e.reason}").inc()
+      yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead_letters.of_errors(
+          [f"{name}#{e.index}"], [None], contracts.READ, [e])))
 
 
-class ReadFramedFiles(beam.PTransform):
-  """Framed wire-format files matching ``pattern`` -> RawRecords + dead letters."""
-  def __init__(self, pattern: str, stream: str = "events"):
+class ReadFramedFiles(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBatch]]):
+  """Framed wire-format files matching ``pattern`` -> RawBatches + DeadLetterBatches."""
+  def __init__(self, pattern: str, stream: str = "events", batch_records: int = BATCH_RECORDS):
     super().__init__()
     if not pattern:
       raise ValueError("a file pattern is required")
+    if batch_records < 1:
+      raise ValueError("batch_records must be >= 1")
     self._pattern = pattern
     self._stream = stream
+    self._batch_records = batch_records
 
   def expand(self, pbegin):
     results = (
@@ -67,26 +80,25 @@ class ReadFramedFiles(beam.PTransform):
         | "Match" >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
         | "Distribute" >> beam.Reshuffle()
         | "Open" >> fileio.ReadMatches()
-        | "Frames" >> beam.ParDo(_ReadFramesFn(self._stream)).with_outputs(DEAD, main="records"))
-    return ReadResult(
-        results.records,
-        results[DEAD])
+        | "Frames" >> beam.ParDo(_ReadFramesFn(self._stream, self._batch_records)).with_outputs(DEAD, main="records"))
+    return ReadResult(results.records, results[DEAD])
 
 
-class ReadTransactions(beam.PTransform):
+class ReadTransactions(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBatch]]):
   """All transaction messages of an input directory written by ``txstream generate``."""
-  def __init__(self, input_dir: str):
+  def __init__(self, input_dir: str, batch_records: int = BATCH_RECORDS):
     super().__init__()
     if not input_dir:
       raise ValueError("--input is required")
     self._input_dir = input_dir
+    self._batch_records = batch_records
 
   def expand(self, pbegin):
     return pbegin | "Files" >> ReadFramedFiles(
-        os.path.join(self._input_dir, "transactions", "*.wire"), "events")
+        os.path.join(self._input_dir, "transactions", "*.wire"), "events", self._batch_records)
 
 
-class ReadLabels(beam.PTransform):
+class ReadLabels(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBatch]]):
   """The fraud label (chargeback) messages of an input directory."""
   def __init__(self, input_dir: str):
     super().__init__()
@@ -95,5 +107,27 @@ class ReadLabels(beam.PTransform):
     self._input_dir = input_dir
 
   def expand(self, pbegin):
-    return pbegin | "Files" >> ReadFramedFiles(
-        os.path.join(self._input_dir, "labels", "*.wire"), "labels")
+    return pbegin | "Files" >> ReadFramedFiles(os.path.join(self._input_dir, "labels", "*.wire"), "labels")
+
+
+def _count_own(batch: RawBatch, name: str) -> RawBatch:
+  """Counts a batch's own records (not history) under ``name``."""
+  table = batch.table
+  counting.inc(name, table.num_rows - pa.compute.sum(table.column("history").cast(pa.int64())).as_py()
+               if table.num_rows else 0)
+  return batch
+
+
+class ReadFromSource(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBatch]]):
+  """A non-file source of RawBatches (Kafka, a test's Create) with its own records counted as ``<stream>_in``."""
+  def __init__(self, source: beam.PTransform, stream: str = "events"):
+    super().__init__()
+    self._source = source
+    self._counter = "events_in" if stream == "events" else "labels_in"
+
+  def expand(self, pbegin):
+    records = (pbegin
+               | "Read" >> self._source
+               | "CountIn" >> beam.Map(_count_own, self._counter).with_output_types(RawBatch))
+    none = pbegin | "NoDeadLetters" >> beam.Create([]).with_output_types(DeadLetterBatch)
+    return ReadResult(records, none)

@@ -1,13 +1,10 @@
-"""WriteTiers: decisions to the storage tiers, dead letters to their own store.
+"""WriteTiers: decision batches to the storage tiers; dead letters to their own store.
 
-The cold tier (Parquet) is always on unless disabled; Redis, PostgreSQL and
+The cold tier (Parquet) is on unless disabled; Redis, PostgreSQL and
 ClickHouse are switched on by their connection flags. Every write is an upsert
-or a deterministic replace keyed on ``transaction_id``, so retries and reruns
-never duplicate. Each tier counts the rows it wrote under ``tier.<name>``.
-
-Cold and dead-letter files are grouped per partition with a lifted combiner:
-each bundle pre-aggregates its rows, so the shuffle moves one list per
-partition and bundle instead of one element per row.
+or a replace keyed on ``transaction_id`` or on a deterministic file name, so
+retries and reruns never duplicate. Each tier counts the rows it wrote under
+``tier.<name>``.
 """
 import base64
 import json
@@ -15,17 +12,20 @@ import logging
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
+from txstream.core import contracts
+from txstream.core.batch import DeadLetterBatch, DecisionBatch, split_by
 from txstream.io import parquet
 from txstream.io.file_retry import RetryingFileWrite
 from txstream.io.sinks import RetryPolicy, SinkResult
-from txstream.records import DeadLetter, Decision
-from txstream.transforms.features import FEATURE_NAMES
+from txstream.transforms import counting
+from txstream.transforms.features import SHARDS
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "txstream"
+DEFAULT_TAG = "00000"
 
 
 class TierConfig(NamedTuple):
@@ -34,83 +34,103 @@ class TierConfig(NamedTuple):
   redis_url: Optional[str] = None
   postgres_dsn: Optional[str] = None
   clickhouse_url: Optional[str] = None
-  file_tag: str = "00000"
+  file_tag: str = DEFAULT_TAG
 
 
 class _WriteColdFn(beam.DoFn):
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
-    self._file_tag = file_tag
+  """Appends each batch's rows to the writer's file of their event day; publishes the files per bundle.
+
+  The writer is named after the terminal shards its bundle held (each shard
+  is in exactly one bundle), so concurrent writers never share a name and a
+  rerun on the same runner replaces the same files.
+  """
+  def __init__(self, root: str, retry: RetryPolicy, file_tag: str):
     self._root = root
-    self._rows = Metrics.counter(NAMESPACE, "tier.cold")
+    self._file_tag = file_tag
     self._write = RetryingFileWrite("cold", retry)
 
-  def process(self, partition_rows):
-    partition, rows = partition_rows
-    # The partition's file name is fixed, so a retried write replaces what a failed one left.
-    self._rows.inc(self._write(lambda: parquet.write_rows(self._root, partition, rows, FEATURE_NAMES,
-                                                                  self._file_tag), partition))
-    yield partition
+  def start_bundle(self):
+    self._files = parquet.DayFiles(self._root)
+    self._shards = set()
+
+  def process(self, batch: DecisionBatch):
+    table = batch.table
+    self._shards.update(np.unique(table.column("terminal_id").to_numpy() % SHARDS).tolist())
+    for day, rows in split_by(table, parquet.event_days(table)):
+      self._files.write(day, rows)
+
+  def finish_bundle(self):
+    if not self._shards:
+      return
+    name = f"{self._file_tag}-s{min(self._shards):02d}-{max(self._shards):02d}"
+    try:
+      counting.inc("tier.cold", self._files.publish(name, self._write))
+    finally:
+      self._files.discard()
+
+  def teardown(self):
+    files = getattr(self, "_files", None)
+    if files is not None:
+      files.discard()
 
 
-def dead_letter_json(letter: DeadLetter) -> str:
+def dead_letter_json(row: dict) -> str:
   return json.dumps({
-      "source": letter.source, "stage": letter.stage, "reason": letter.reason,
-      "error_class": letter.error_class, "message": letter.message,
-      "pipeline_version": letter.pipeline_version,
-      "raw_base64": base64.b64encode(letter.raw).decode() if letter.raw is not None else None,
+      "source": row["source"], "stage": row["stage"], "reason": row["reason"],
+      "error_class": row["error_class"], "message": row["message"],
+      "pipeline_version": row["pipeline_version"],
+      "raw_base64": base64.b64encode(row["raw"]).decode() if row["raw"] is not None else None,
   }, sort_keys=True)
 
 
-def decision_json(d: Decision) -> str:
-  """A decision as one JSON object (the decisions topic's message value; key: the transaction id)."""
-  t = d.transaction
-  return json.dumps({
-      "transaction_id": t.transaction_id, "event_time_ms": t.event_time_ms, "customer_id": t.customer_id,
-      "terminal_id": t.terminal_id, "card_token": t.card_token, "amount_minor": t.amount_minor,
-      "currency": t.currency, "decision": d.decision, "score": d.score, "reason_codes": list(d.reason_codes),
-      "model_version": d.model_version, "pipeline_version": d.pipeline_version, "decided_at_ms": d.decided_at_ms,
-      "source": t.source,
-  }, sort_keys=True)
+_JSON_COLUMNS = ("transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
+                 "currency", "decision", "score", "reason_codes", "model_version", "rules_version",
+                 "pipeline_version", "decided_at_ms", "source")
 
 
-def _decision_message(d: Decision):
-  return d.transaction.transaction_id, decision_json(d).encode()
+def decision_messages(decisions: DecisionBatch):
+  """(transaction id, JSON value) per decision: the decisions topic's messages."""
+  table = decisions.table.select(list(_JSON_COLUMNS))
+  for row in table.to_pylist():
+    yield row["transaction_id"], json.dumps(row, sort_keys=True).encode()
 
 
-def _dead_letter_message(letter: DeadLetter):
-  return letter.source, dead_letter_json(letter).encode()
+def dead_letter_messages(letters: DeadLetterBatch):
+  """(source position, JSON value with the raw bytes in base64) per dead letter."""
+  for row in letters.table.to_pylist():
+    yield row["source"], dead_letter_json(row).encode()
 
 
 class _WriteJsonToKafka(beam.PTransform):
-  def __init__(self, config, topic: str, to_message):
+  def __init__(self, config, topic: str, to_messages):
     super().__init__()
-    self._config, self._topic, self._to_message = config, topic, to_message
+    self._config, self._topic, self._to_messages = config, topic, to_messages
 
-  def expand(self, rows):
+  def expand(self, batches):
     from txstream.io.kafka import WriteToKafka
-    return rows | "ToMessage" >> beam.Map(self._to_message) | "Write" >> WriteToKafka(self._config, self._topic)
+    return (batches | "ToMessages" >> beam.FlatMap(self._to_messages)
+            | "Write" >> WriteToKafka(self._config, self._topic))
 
 
 def WriteDecisionsToKafka(config, topic: str) -> beam.PTransform:  # pylint: disable=invalid-name
-  """Decisions -> ``topic`` as JSON keyed by transaction id (at least once: consumers dedupe on the key)."""
-  return _WriteJsonToKafka(config, topic, _decision_message)
+  """DecisionBatches -> ``topic`` as JSON keyed by transaction id (at least once: consumers dedupe on the key)."""
+  return _WriteJsonToKafka(config, topic, decision_messages)
 
 
 def WriteDeadLettersToKafka(config, topic: str) -> beam.PTransform:  # pylint: disable=invalid-name
-  """DeadLetters -> ``topic`` as JSON (raw bytes in base64) keyed by source position."""
-  return _WriteJsonToKafka(config, topic, _dead_letter_message)
+  """DeadLetterBatches -> ``topic`` as JSON (raw bytes in base64) keyed by source position."""
+  return _WriteJsonToKafka(config, topic, dead_letter_messages)
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
-    self._name = "{stage}.jsonl" if file_tag == "00000" else "{stage}-" + file_tag + ".jsonl"
+  def __init__(self, root: str, retry: RetryPolicy, file_tag: str):
+    self._name = "{stage}.jsonl" if file_tag == DEFAULT_TAG else "{stage}-" + file_tag + ".jsonl"
     self._root = root
-    self._rows = Metrics.counter(NAMESPACE, "tier.dead_letters")
     self._write = RetryingFileWrite("dead_letters", retry)
 
-  def process(self, stage_letters):
-    stage, letters = stage_letters
-    lines = sorted(dead_letter_json(x) for x in letters)
+  def process(self, stage_batches):
+    stage, batches = stage_batches
+    lines = sorted(dead_letter_json(row) for row in DeadLetterBatch.concat(batches).table.to_pylist())
     path = FileSystems.join(self._root, self._name.format(stage=stage))
     data = ("\n".join(lines) + "\n").encode()
 
@@ -119,46 +139,49 @@ class _WriteDeadLettersFn(beam.DoFn):
         f.write(data)
 
     self._write(write, path)
-    self._rows.inc(len(lines))
+    counting.inc("tier.dead_letters", len(lines))
     yield stage
 
 
-class WriteColdTier(beam.PTransform):
-  """Decisions -> Parquet partitions (batch: one file per event hour, replaced on rerun).
+def _by_stage(batch: DeadLetterBatch):
+  table = batch.table
+  for stage in sorted(set(table.column("stage").to_pylist())):
+    yield stage, DeadLetterBatch(table.filter(pc.equal(table.column("stage"), stage)))
 
-  A file write that fails on a store outage is retried with ``retry``'s backoff
-  (counted as ``sink.cold.retried``); replacing a whole file is idempotent.
+
+class WriteColdTier(beam.PTransform[beam.PCollection[DecisionBatch], beam.PCollection]):
+  """DecisionBatches -> Parquet, one file per event day and writer (``io.parquet``), published per bundle.
+
+  A write that fails on a store outage is retried with ``retry``'s backoff
+  (counted as ``sink.cold.retried``); publishing replaces a whole file, which
+  is idempotent.
   """
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = DEFAULT_TAG):
     super().__init__()
-    self._file_tag = file_tag
     if not root:
       raise ValueError("a cold tier path is required")
     self._root = root
     self._retry = retry
+    self._file_tag = file_tag
 
   def expand(self, decisions):
-    return (decisions
-            | "ByHour" >> beam.Map(lambda d: (parquet.partition_of(d.transaction.event_time_ms),
-                                              parquet.decision_row(d)))
-            | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry, self._file_tag)))
+    return decisions | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry, self._file_tag))
 
 
-class WriteDeadLetters(beam.PTransform):
-  """DeadLetters -> one JSON-lines file per stage, sorted, replaced on rerun (retried as the cold tier is)."""
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = "00000"):
+class WriteDeadLetters(beam.PTransform[beam.PCollection[DeadLetterBatch], beam.PCollection]):
+  """DeadLetterBatches -> one JSON-lines file per stage, sorted, replaced on rerun (retried as the cold tier is)."""
+  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = DEFAULT_TAG):
     super().__init__()
-    self._file_tag = file_tag
     if not root:
       raise ValueError("a dead-letter path is required")
     self._root = root
     self._retry = retry
+    self._file_tag = file_tag
 
   def expand(self, letters):
     return (letters
-            | "ByStage" >> beam.Map(lambda x: (x.stage, x))
-            | "Collect" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+            | "ByStage" >> beam.FlatMap(_by_stage)
+            | "Collect" >> beam.GroupByKey()
             | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root, self._retry, self._file_tag)))
 
 
@@ -168,8 +191,8 @@ class TierWrites(NamedTuple):
   dead_letters: beam.PCollection
 
 
-class WriteTiers(beam.PTransform):
-  """Decisions -> every configured tier.
+class WriteTiers(beam.PTransform[beam.PCollection[DecisionBatch], TierWrites]):
+  """DecisionBatches -> every configured tier.
 
   The cold tier is on when ``cold_path`` is set; Redis, PostgreSQL and
   ClickHouse when their URL or DSN is. ``preflight()`` checks every server
@@ -193,7 +216,7 @@ class WriteTiers(beam.PTransform):
       self._sinks["analytics"] = WriteToClickHouse(config.clickhouse_url)
 
   def with_file_tag(self, file_tag: str) -> "WriteTiers":
-    """The same tiers, naming cold-tier files ``part-<file_tag>`` (see ``parquet.write_rows``)."""
+    """The same tiers, naming cold-tier files ``part-<file_tag>-...`` (see ``io.parquet``)."""
     return WriteTiers(self._config._replace(file_tag=file_tag))
 
   @property
@@ -215,5 +238,5 @@ class WriteTiers(beam.PTransform):
       else:
         written[name] = result
     if not rejected:
-      rejected = [decisions.pipeline | "NoRejected" >> beam.Create([]).with_output_types(DeadLetter)]
+      rejected = [decisions.pipeline | "NoRejected" >> beam.Create([]).with_output_types(DeadLetterBatch)]
     return TierWrites(written, rejected | "Rejected" >> beam.Flatten())

@@ -1,0 +1,36 @@
+"""Beam counters for what a stage emits: one increment per batch, by the batch's size.
+
+Names (namespace ``txstream``): ``events_in``, ``labels_in``, ``decode_valid``,
+``dead_letter.<stage>.<reason>``, ``label_dead_letter.<stage>.<reason>``,
+``filtered.<reason>``, ``scored``, ``decision.<action>``, ``tier.<name>``.
+The run summary reads them; a stage counts what it emits, never takes a count
+back.
+"""
+import collections
+
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+
+from txstream.core import contracts
+
+
+def inc(name: str, n: int = 1) -> None:
+  if n:
+    Metrics.counter(contracts.NAMESPACE, name).inc(n)
+
+
+def dead_letters(table: pa.Table, prefix: str = "dead_letter") -> None:
+  """Counts ``prefix.<stage>.<reason>`` for every row of a contracts.DEAD_LETTER table."""
+  if not table.num_rows:
+    return
+  pairs = collections.Counter(zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()))
+  for (stage, reason), n in pairs.items():
+    inc(f"{prefix}.{stage}.{reason}", n)
+
+
+def values(table: pa.Table, column: str, prefix: str) -> None:
+  """Counts ``prefix.<value>`` per distinct value of a string column."""
+  if not table.num_rows:
+    return
+  for value, n in collections.Counter(table.column(column).to_pylist()).items():
+    inc(f"{prefix}.{value}", n)
