@@ -1,7 +1,7 @@
 """The per-key feature computations, checked against a brute-force definition."""
 import random
 
-from txstream.transforms.feature_state import DAY_MS, CustomerHistory, TerminalHistory, time_flags
+from tests.reference_features import DAY_MS, CustomerHistory, TerminalHistory, time_flags
 
 
 def _brute_customer(events, t):

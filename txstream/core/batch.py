@@ -52,7 +52,6 @@ class Batch:
     if self._table is None:
       with pa.ipc.open_stream(pa.py_buffer(self._encoded)[_HEADER.size:]) as reader:
         self._table = reader.read_all()
-      self._encoded = None
     return self._table
 
   def __len__(self) -> int:
@@ -67,15 +66,30 @@ class Batch:
   __hash__ = None
 
   def __reduce__(self):
-    # Pickled (by a coder that does not know the type) as the IPC bytes, never the table's buffers.
-    return _decode, (self.encode(),)
+    # Pickled (by a coder that does not know the type, e.g. a runner estimating sizes) as IPC bytes, never
+    # the table's buffers; uncompressed unless already encoded, as pickling is not how batches are shuffled.
+    return _decode, (self._encoded if self._encoded is not None else self._ipc(None),)
+
+  def encoded_size(self) -> int:
+    """About the size of ``encode()`` without encoding (runners ask for every element's size)."""
+    if self._encoded is not None:
+      return len(self._encoded)
+    return max(1, self._table.nbytes // 4)
 
   def encode(self) -> bytes:
+    """The IPC bytes; kept, so a batch a runner encodes twice (size, then data) is compressed once."""
     if self._encoded is not None:
       return self._encoded
+    self._encoded = self._ipc(_IPC_OPTIONS)
+    return self._encoded
+
+  def _ipc(self, options: Optional[pa.ipc.IpcWriteOptions]) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, self.SCHEMA, options=_IPC_OPTIONS) as writer:
-      writer.write_table(self._table)
+    table = self._table
+    if table.num_rows and any(c.num_chunks > 1 for c in table.columns):
+      table = table.combine_chunks()  # one record batch: compression costs per buffer written
+    with pa.ipc.new_stream(sink, self.SCHEMA, options=options) as writer:
+      writer.write_table(table)
     return _HEADER.pack(self.KIND, self._rows) + sink.getvalue().to_pybytes()
 
 
@@ -132,6 +146,9 @@ class BatchCoder(coders.Coder):
 
   def decode(self, encoded: bytes) -> Batch:
     return _decode(encoded)
+
+  def estimate_size(self, value: Batch) -> int:
+    return value.encoded_size()
 
   def is_deterministic(self) -> bool:
     return False

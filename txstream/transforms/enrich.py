@@ -89,5 +89,6 @@ class Enrich(beam.PTransform[beam.PCollection[TransactionBatch], EnrichResult]):
     return self._version
 
   def expand(self, batches):
-    results = batches | "Join" >> beam.ParDo(self._fn).with_outputs(DEAD, main="enriched")
+    results = batches | "Join" >> beam.ParDo(self._fn).with_output_types(
+        TransactionBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="enriched")
     return EnrichResult(results.enriched, results[DEAD])

@@ -30,11 +30,13 @@ import pyarrow as pa
 from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from txstream.core import contracts, dead_letters
 from txstream.core import features as engine
-from txstream.core.batch import (BatchCoder, DeadLetterBatch, FeaturedBatch, LabelBatch, TransactionBatch,
+from txstream.core.batch import (Batch, BatchCoder, DeadLetterBatch, FeaturedBatch, LabelBatch, TransactionBatch,
                                  shard_of, split_by)
 from txstream.transforms import counting
 
@@ -43,6 +45,7 @@ DEAD = "dead_letters"
 FILTERED = "filtered"
 SHARDS = 16  # per shard kind; measured on 2 cores: 8-32 best, fewer keys make bigger sorts
 _OUTPUT_ROWS = 50_000  # largest batch handed downstream
+_SHUFFLE_ROWS = 50_000  # rows gathered per shard before a batch is shuffled (zstd pays per buffer)
 
 
 class FeaturesResult(NamedTuple):
@@ -67,6 +70,48 @@ def _by_shard(batch, column: str, shards: int):
   table = batch.table
   for shard, part in split_by(table, shard_of(table.column(column).to_numpy(), shards)):
     yield shard, type(batch)(part)
+
+
+class _ShardBuffer:
+  """Rows per shard, handed on in batches of about ``rows``: a shuffled batch costs per buffer, not per row."""
+
+  def __init__(self, column: str, shards: int, rows: int = _SHUFFLE_ROWS):
+    self._column, self._shards, self._rows = column, shards, rows
+    self._parts, self._counts = {}, {}
+
+  def add(self, batch):
+    """Adds a batch's rows; yields (shard, batch) for every shard that has filled up."""
+    table = batch.table
+    for shard, part in split_by(table, shard_of(table.column(self._column).to_numpy(), self._shards)):
+      self._parts.setdefault(shard, []).append(part)
+      self._counts[shard] = self._counts.get(shard, 0) + part.num_rows
+      if self._counts[shard] >= self._rows:
+        yield shard, type(batch).concat([type(batch)(p) for p in self._parts.pop(shard)])
+        del self._counts[shard]
+    self._kind = type(batch)
+
+  def drain(self):
+    """Yields (shard, batch) for what is left, as WindowedValues in the global window (from finish_bundle)."""
+    for shard in sorted(self._parts):
+      batch = self._kind.concat([self._kind(p) for p in self._parts[shard]])
+      yield WindowedValue((shard, batch), MIN_TIMESTAMP, (GlobalWindow(),))
+    self._parts, self._counts = {}, {}
+
+
+class _ShardSplitFn(beam.DoFn):
+  """Batch -> (shard, batch of that shard's rows), gathered over the bundle (bounded runs)."""
+
+  def __init__(self, column: str, shards: int):
+    self._column, self._shards = column, shards
+
+  def start_bundle(self):
+    self._buffer = _ShardBuffer(self._column, self._shards)
+
+  def process(self, batch):
+    yield from self._buffer.add(batch)
+
+  def finish_bundle(self):
+    yield from self._buffer.drain()
 
 
 def repeat_outcomes(tx: pa.Table, outcome: np.ndarray):
@@ -97,6 +142,12 @@ class _CustomerShardFn(beam.DoFn):
   def __init__(self, shards: int):
     self._shards = shards
 
+  def start_bundle(self):
+    self._out = _ShardBuffer("terminal_id", self._shards)
+
+  def finish_bundle(self):
+    yield from self._out.drain()
+
   def process(self, shard_batches):
     tx = TransactionBatch.concat(shard_batches[1]).table
     featured, duplicates, dead = customer_outcomes(tx, engine.CustomerEngine(keep_state=False).update(tx))
@@ -104,7 +155,7 @@ class _CustomerShardFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(FILTERED, TransactionBatch(duplicates))
     if dead.num_rows:
       yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
-    yield from _by_shard(FeaturedBatch(featured), "terminal_id", self._shards)
+    yield from self._out.add(FeaturedBatch(featured))
 
 
 class _TerminalShardFn(beam.DoFn):
@@ -382,33 +433,42 @@ class ComputeFeatures(beam.PTransform[beam.PCollection[TransactionBatch], Featur
     shards = self._shards
     customer = (
         transactions
-        | "ByCustomerShard" >> beam.FlatMap(_by_shard, "customer_id", shards).with_output_types(
+        | "ByCustomerShard" >> beam.ParDo(_ShardSplitFn("customer_id", shards)).with_output_types(
             Tuple[int, TransactionBatch])
         | "CollectCustomers" >> beam.GroupByKey()
-        | "Customer" >> beam.ParDo(_CustomerShardFn(shards)).with_outputs(DEAD, FILTERED, main="featured"))
+        | "Customer" >> beam.ParDo(_CustomerShardFn(shards)).with_output_types(
+            Tuple[int, FeaturedBatch], **{DEAD: DeadLetterBatch, FILTERED: TransactionBatch}).with_outputs(
+                DEAD, FILTERED, main="featured"))
     terminal = (
-        (customer.featured, labels | "LabelsByTerminalShard" >> beam.FlatMap(_by_shard, "terminal_id", shards))
-        | "MergeLabels" >> beam.Flatten()
+        (customer.featured,
+         labels | "LabelsByTerminalShard" >> beam.ParDo(_ShardSplitFn("terminal_id", shards)).with_output_types(
+             Tuple[int, LabelBatch]))
+        | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Batch])
         | "CollectTerminals" >> beam.GroupByKey()
-        | "Terminal" >> beam.ParDo(_TerminalShardFn(self._delay_days)))
+        | "Terminal" >> beam.ParDo(_TerminalShardFn(self._delay_days)).with_output_types(FeaturedBatch))
     return FeaturesResult(terminal, customer[FILTERED], customer[DEAD])
 
   def _expand_streaming(self, transactions, labels):
     shards = self._shards
     customer = (
         transactions
-        | "ByCustomerShard" >> beam.FlatMap(_by_shard, "customer_id", shards)
-        | "Customer" >> beam.ParDo(_CustomerStreamFn(self._lateness_ms, shards)).with_outputs(
+        | "ByCustomerShard" >> beam.FlatMap(_by_shard, "customer_id", shards).with_output_types(
+            Tuple[int, TransactionBatch])
+        | "Customer" >> beam.ParDo(_CustomerStreamFn(self._lateness_ms, shards)).with_output_types(
+            Tuple[int, Tuple[str, FeaturedBatch]], **{DEAD: DeadLetterBatch, FILTERED: TransactionBatch}).with_outputs(
             DEAD, FILTERED, main="featured"))
     terminal = (
-        (transactions | "ByTerminalShard" >> beam.FlatMap(_by_shard, "terminal_id", shards),
-         labels | "LabelsByTerminalShard" >> beam.FlatMap(_by_shard, "terminal_id", shards))
+        (transactions | "ByTerminalShard" >> beam.FlatMap(_by_shard, "terminal_id", shards).with_output_types(
+            Tuple[int, Batch]),
+         labels | "LabelsByTerminalShard" >> beam.FlatMap(_by_shard, "terminal_id", shards).with_output_types(
+             Tuple[int, Batch]))
         | "MergeLabels" >> beam.Flatten()
-        | "Terminal" >> beam.ParDo(_TerminalStreamFn(self._lateness_ms, self._delay_days, shards)).with_outputs(
+        | "Terminal" >> beam.ParDo(_TerminalStreamFn(self._lateness_ms, self._delay_days, shards)).with_output_types(
+            Tuple[int, Tuple[str, FeaturedBatch]], **{DEAD: DeadLetterBatch}).with_outputs(
             DEAD, main="parts"))
     featured = (
         (customer.featured, terminal.parts)
         | "Parts" >> beam.Flatten()
-        | "Join" >> beam.ParDo(_JoinFn()))
+        | "Join" >> beam.ParDo(_JoinFn()).with_output_types(FeaturedBatch))
     dead = (customer[DEAD], terminal[DEAD]) | "DeadLetters" >> beam.Flatten()
     return FeaturesResult(featured, customer[FILTERED], dead)

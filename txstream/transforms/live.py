@@ -321,5 +321,6 @@ class DecideLive(beam.PTransform[beam.PCollection[RawBatch], LiveResult]):
     return self._meta["version"]
 
   def expand(self, batches):
-    out = batches | "Decide" >> beam.ParDo(self._fn).with_outputs(DEAD, main="decisions")
+    out = batches | "Decide" >> beam.ParDo(self._fn).with_output_types(
+        DecisionBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="decisions")
     return LiveResult(out.decisions, out[DEAD])

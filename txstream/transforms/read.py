@@ -80,7 +80,8 @@ class ReadFramedFiles(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBa
         | "Match" >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
         | "Distribute" >> beam.Reshuffle()
         | "Open" >> fileio.ReadMatches()
-        | "Frames" >> beam.ParDo(_ReadFramesFn(self._stream, self._batch_records)).with_outputs(DEAD, main="records"))
+        | "Frames" >> beam.ParDo(_ReadFramesFn(self._stream, self._batch_records)).with_output_types(
+            RawBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="records"))
     return ReadResult(results.records, results[DEAD])
 
 

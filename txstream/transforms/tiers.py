@@ -9,7 +9,7 @@ retries and reruns never duplicate. Each tier counts the rows it wrote under
 import base64
 import json
 import logging
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -180,7 +180,7 @@ class WriteDeadLetters(beam.PTransform[beam.PCollection[DeadLetterBatch], beam.P
 
   def expand(self, letters):
     return (letters
-            | "ByStage" >> beam.FlatMap(_by_stage)
+            | "ByStage" >> beam.FlatMap(_by_stage).with_output_types(Tuple[str, DeadLetterBatch])
             | "Collect" >> beam.GroupByKey()
             | "Write" >> beam.ParDo(_WriteDeadLettersFn(self._root, self._retry, self._file_tag)))
 

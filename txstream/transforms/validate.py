@@ -56,7 +56,8 @@ class DecodeAndValidate(beam.PTransform[beam.PCollection[RawBatch], DecodeResult
     self._registry_url = schema_registry_url
 
   def expand(self, batches):
-    results = batches | "Decode" >> beam.ParDo(_DecodeFn(self._registry_url)).with_outputs(DEAD, main="valid")
+    results = batches | "Decode" >> beam.ParDo(_DecodeFn(self._registry_url)).with_output_types(
+        TransactionBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="valid")
     return DecodeResult(results.valid, results[DEAD])
 
 
@@ -83,5 +84,6 @@ class DecodeLabels(beam.PTransform[beam.PCollection[RawBatch], DecodeResult]):
     self._registry_url = schema_registry_url
 
   def expand(self, batches):
-    results = batches | "Decode" >> beam.ParDo(_DecodeLabelFn(self._registry_url)).with_outputs(DEAD, main="valid")
+    results = batches | "Decode" >> beam.ParDo(_DecodeLabelFn(self._registry_url)).with_output_types(
+        LabelBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="valid")
     return DecodeResult(results.valid, results[DEAD])

@@ -1,4 +1,4 @@
-"""Per-key feature state: the pure computations behind ComputeFeatures.
+"""The feature definition as a sequential pass in plain Python: the oracle the columnar engine is held to.
 
 Both classes consume one key's events strictly in event-time order and return
 features from what they have seen so far, so the same code serves the stream,
