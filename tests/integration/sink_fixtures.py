@@ -111,6 +111,20 @@ def with_values(batches: Sequence[DecisionBatch], index: int, **values) -> List[
   return out
 
 
+def with_columns(batches: Sequence[DecisionBatch], **columns) -> List[DecisionBatch]:
+  """The same batches (same boundaries) with whole columns replaced (lists over all rows)."""
+  sizes = [len(b) for b in batches]
+  table = table_of(batches)
+  for name, values in columns.items():
+    position = table.schema.names.index(name)
+    table = table.set_column(position, table.schema.field(position), pa.array(values, table.schema.field(position).type))
+  out, start = [], 0
+  for size in sizes:
+    out.append(DecisionBatch(table.slice(start, size)))
+    start += size
+  return out
+
+
 def take(batches: Sequence[DecisionBatch], indices: Sequence[int], batch_rows: Optional[int] = None
          ) -> List[DecisionBatch]:
   """Rows ``indices`` (in that order) as batches of ``batch_rows``."""
