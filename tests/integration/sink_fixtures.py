@@ -117,7 +117,8 @@ def with_columns(batches: Sequence[DecisionBatch], **columns) -> List[DecisionBa
   table = table_of(batches)
   for name, values in columns.items():
     position = table.schema.names.index(name)
-    table = table.set_column(position, table.schema.field(position), pa.array(values, table.schema.field(position).type))
+    field = table.schema.field(position)
+    table = table.set_column(position, field, pa.array(values, field.type))
   out, start = [], 0
   for size in sizes:
     out.append(DecisionBatch(table.slice(start, size)))

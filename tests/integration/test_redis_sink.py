@@ -87,7 +87,8 @@ def test_same_batch_twice_leaves_the_same_state(server, url):
 def test_a_row_with_a_null_hash_value_is_a_dead_letter_and_the_rest_lands(server, url):
   decisions = fx.with_values(fx.make_decisions(20, batch_rows=10), 13, card_token=None)
   counts = fx.run_write(WriteToRedis(url, batch_size=8), decisions, expect_written=19,
-                        expect_dead=["transaction_id=tx-00013"], expect_dead_letters=[("test.wire#13", "sink.hot", "rejected_by_store",
+                        expect_dead=["transaction_id=tx-00013"],
+                        expect_dead_letters=[("test.wire#13", "sink.hot", "rejected_by_store",
                                               "transaction_id=tx-00013")])
   assert counts["sink.hot.rejected"] == 1 and counts["tier.hot"] == 19
   assert len(server.keys("txn:*")) == 19 and not server.exists(txn_key("tx-00013"))
