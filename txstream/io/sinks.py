@@ -256,12 +256,12 @@ def refuse_nulls(table: pa.Table, positions: Sequence[int]) -> Tuple[pa.Table, L
   nullable = [i for i in positions if table.column(i).null_count]
   if not nullable:
     return table, []
-  masks = [pc.is_null(table.column(i)) for i in nullable]
-  refused = table.filter(functools.reduce(pc.or_, masks))
+  null = functools.reduce(pc.or_, [pc.is_null(table.column(i)) for i in nullable])
+  refused = table.filter(null)
   names = [table.schema.names[i] for i in nullable]
   flags = [refused.column(i).is_null().to_pylist() for i in nullable]
   errors = [ValueError(f"null {next(n for n, f in zip(names, row) if f)}") for row in zip(*flags)]
-  return table.filter(pc.invert(functools.reduce(pc.or_, masks))), [Refusal(refused, errors)]
+  return table.filter(pc.invert(null)), [Refusal(refused, errors)]
 
 
 def check_batch_limits(batch_size: int, max_batch_bytes: int) -> None:
