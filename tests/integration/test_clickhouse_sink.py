@@ -9,8 +9,8 @@ from tests.integration import sink_fixtures as fx
 from tests.tcp_proxy import TcpProxy
 from txstream.io import clickhouse_sink as ch
 from txstream.io.clickhouse_sink import WriteToClickHouse
+from txstream.core.contracts import FEATURE_COLUMNS
 from txstream.io.sinks import SinkConfigError
-from txstream.transforms.features import FEATURE_NAMES
 
 DB = "txstream_test"
 
@@ -40,37 +40,50 @@ def final_count(client) -> int:
 
 def test_creates_database_and_writes_columns(client, url):
   decisions = fx.make_decisions(50)
-  counts = fx.run_write(WriteToClickHouse(url, batch_size=16), decisions, expect_written=50)
+  # One batch of 50 rows, written as 16 + 16 + 16 + 2.
+  counts = fx.run_write(WriteToClickHouse(url, batch_size=16), decisions, expect_written=50, expect_writes=4)
   assert counts["tier.analytics"] == 50
   assert final_count(client) == 50
-  d = decisions[9]
-  t = d.transaction
+  d = fx.rows(decisions)[9]
   columns = ["transaction_id", "event_time_ms", "toString(event_date)", "toUInt32(event_time)", "customer_id",
              "terminal_id", "card_token", "amount_minor", "currency", "entry_mode", "merchant_category", "score",
              "decision", "reason_codes", "model_version", "reference_version", "source", "decided_at_ms"]
   row = client.execute(f"SELECT {', '.join(columns)} FROM {DB}.decisions FINAL WHERE transaction_id = %(id)s",
-                       {"id": t.transaction_id})
-  day = datetime.datetime.fromtimestamp(t.event_time_ms / 1000, tz=datetime.timezone.utc).date().isoformat()
-  assert row == [(t.transaction_id, t.event_time_ms, day, t.event_time_ms // 1000, t.customer_id, t.terminal_id,
-                  t.card_token, t.amount_minor, t.currency, t.entry_mode, t.merchant_category, d.score, d.decision,
-                  list(d.reason_codes), "model-1", t.reference_version, t.source, d.decided_at_ms)]
-  features = client.execute(f"SELECT {', '.join(n.lower() for n in FEATURE_NAMES)} FROM {DB}.decisions "
+                       {"id": d["transaction_id"]})
+  day = datetime.datetime.fromtimestamp(d["event_time_ms"] / 1000, tz=datetime.timezone.utc).date().isoformat()
+  assert row == [(d["transaction_id"], d["event_time_ms"], day, d["event_time_ms"] // 1000, d["customer_id"],
+                  d["terminal_id"], d["card_token"], d["amount_minor"], d["currency"], d["entry_mode"],
+                  d["merchant_category"], d["score"], d["decision"], list(d["reason_codes"]), "model-1",
+                  d["reference_version"], d["source"], d["decided_at_ms"])]
+  features = client.execute(f"SELECT {', '.join(FEATURE_COLUMNS)} FROM {DB}.decisions "
                             "WHERE transaction_id = 'tx-00009'")[0]
-  assert list(features) == list(d.features)
+  assert list(features) == list(d["features"])
   partitions = client.execute(f"SELECT DISTINCT partition FROM system.parts WHERE database = '{DB}' "
                               "AND table = 'decisions' AND active")
   assert partitions == [("201804",)]
 
 
+def test_nulls_and_empty_values_round_trip(client, url):
+  decisions = fx.with_values(fx.make_decisions(3), 1, entry_mode="", reason_codes=None, customer_segment=None)
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=3)
+  got = client.execute(f"SELECT transaction_id, entry_mode, merchant_category, customer_segment, reason_codes, "
+                       f"reference_version FROM {DB}.decisions FINAL ORDER BY transaction_id")
+  assert got == [("tx-00000", None, None, "retail", [], None),
+                 ("tx-00001", "", 5411, None, [], "ref-1"),
+                 ("tx-00002", "chip", 5411, "retail", ["NIGHT", "FAR_FROM_HOME"], "ref-1")]
+
+
 def test_rewrites_collapse_to_one_row_per_transaction(client, url):
-  decisions = fx.make_decisions(50)
+  decisions = fx.make_decisions(50, batch_rows=10)
   fx.run_write(WriteToClickHouse(url, batch_size=7), decisions, expect_written=50)
-  fx.run_write(WriteToClickHouse(url), list(reversed(decisions)), expect_written=50)
+  fx.run_write(WriteToClickHouse(url), fx.reversed_rows(decisions, batch_rows=13), expect_written=50)
   assert final_count(client) == 50
   assert ch.count_distinct_transactions(client, database=DB) == 50
 
   # A later decision for the same transactions (higher decided_at_ms) replaces the earlier one.
-  later = [d._replace(score=0.999, decided_at_ms=d.decided_at_ms + 1) for d in decisions[:10]]
+  first = fx.take(decisions, range(10))
+  later = fx.with_columns(first, score=[0.999] * 10,
+                          decided_at_ms=[d["decided_at_ms"] + 1 for d in fx.rows(first)])
   fx.run_write(WriteToClickHouse(url), later, expect_written=10)
   assert final_count(client) == 50
   assert client.execute(f"SELECT countIf(score = 0.999) FROM {DB}.decisions FINAL")[0][0] == 10
@@ -78,16 +91,28 @@ def test_rewrites_collapse_to_one_row_per_transaction(client, url):
   assert client.execute(f"SELECT count() FROM {DB}.decisions")[0][0] == 50
 
 
+def test_same_batch_twice_leaves_the_same_state(client, url):
+  decisions = fx.make_decisions(40)
+  everything = f"SELECT * FROM {DB}.decisions FINAL ORDER BY transaction_id"
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=40)
+  once = client.execute(everything)
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=40)
+  assert client.execute(everything) == once and len(once) == 40
+  client.execute(f"OPTIMIZE TABLE {DB}.decisions FINAL")
+  assert client.execute(f"SELECT * FROM {DB}.decisions ORDER BY transaction_id") == once
+
+
 def test_dashboard_queries(client, url):
   decisions = fx.make_decisions(60, customers=6, days=2)
   fx.run_write(WriteToClickHouse(url), decisions, expect_written=60)
+  rows = fx.rows(decisions)
 
   hours = defaultdict(Counter)
-  for d in decisions:
-    hour = d.transaction.event_time_ms // 3_600_000 * 3_600_000
+  for d in rows:
+    hour = d["event_time_ms"] // 3_600_000 * 3_600_000
     hours[hour]["transactions"] += 1
-    hours[hour]["flagged"] += d.decision != "approve"
-    hours[hour]["declined"] += d.decision == "decline"
+    hours[hour]["flagged"] += d["decision"] != "approve"
+    hours[hour]["declined"] += d["decision"] == "decline"
   got = ch.fraud_rate_per_hour(client, database=DB)
   assert [(r["hour_ms"], r["transactions"], r["flagged"], r["declined"]) for r in got] == [
       (h, c["transactions"], c["flagged"], c["declined"]) for h, c in sorted(hours.items())]
@@ -95,16 +120,16 @@ def test_dashboard_queries(client, url):
   assert len(ch.fraud_rate_per_hour(client, since_ms=fx.T0 + fx.DAY_MS, database=DB)) == 1
 
   flagged = Counter()
-  for d in decisions:
-    if d.decision != "approve":
-      flagged[(d.transaction.terminal_id, d.transaction.currency)] += d.transaction.amount_minor
+  for d in rows:
+    if d["decision"] != "approve":
+      flagged[(d["terminal_id"], d["currency"])] += d["amount_minor"]
   expected = sorted(flagged.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
   got = ch.top_terminals_by_flagged_amount(client, limit=3, database=DB)
   assert [((r["terminal_id"], r["currency"]), r["flagged_amount_minor"]) for r in got] == expected
 
   since, until = fx.T0, fx.T0 + fx.DAY_MS
-  window = [d for d in decisions if since <= d.transaction.event_time_ms < until]
-  per_customer = Counter(d.transaction.customer_id for d in window)
+  window = [d for d in rows if since <= d["event_time_ms"] < until]
+  per_customer = Counter(d["customer_id"] for d in window)
   got = ch.customer_velocity(client, since, until, limit=3, database=DB)
   assert [(r["customer_id"], r["transactions"]) for r in got] == sorted(
       per_customer.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
@@ -114,11 +139,16 @@ def test_dashboard_queries(client, url):
 
 
 def test_undecidable_rows_become_dead_letters(client, url):
-  decisions = fx.make_decisions(10)
-  decisions[4] = decisions[4]._replace(decision="maybe")
-  counts = fx.run_write(WriteToClickHouse(url), decisions, expect_written=9, expect_dead=["transaction_id=tx-00004"])
-  assert counts["sink.analytics.rejected"] == 1
-  assert final_count(client) == 9
+  decisions = fx.with_values(fx.make_decisions(10), 4, decision="maybe")
+  decisions = fx.with_values(decisions, 7, tx_amount=None)  # a feature column cannot hold null
+  counts = fx.run_write(WriteToClickHouse(url), decisions, expect_written=8,
+                        expect_dead=["transaction_id=tx-00004", "transaction_id=tx-00007"],
+                        expect_dead_letters=[("test.wire#4", "sink.analytics", "rejected_by_store",
+                                              "transaction_id=tx-00004"),
+                                             ("test.wire#7", "sink.analytics", "rejected_by_store",
+                                              "transaction_id=tx-00007")])
+  assert counts["sink.analytics.rejected"] == 2
+  assert final_count(client) == 8
 
 
 def test_preflight(client, url):
@@ -145,15 +175,15 @@ def test_preflight_adds_feature_columns_a_table_from_an_earlier_version_lacks(cl
   assert set(newest) <= have
   fx.run_write(WriteToClickHouse(url), decisions, expect_written=5)
   got = client.execute(f"SELECT {newest[-1]} FROM {DB}.decisions FINAL ORDER BY transaction_id")
-  by_id = sorted(decisions, key=lambda d: d.transaction.transaction_id)
-  assert [row[0] for row in got] == [d.features[-1] for d in by_id]
+  by_id = sorted(fx.rows(decisions), key=lambda d: d["transaction_id"])
+  assert [row[0] for row in got] == [d["features"][-1] for d in by_id]
   client.execute(f"ALTER TABLE {DB}.decisions DROP COLUMN card_token")  # not a feature: an error
   with pytest.raises(SinkConfigError, match="lacks columns card_token"):
     WriteToClickHouse(url).preflight()
 
 
 def test_outage_mid_write_loses_and_duplicates_nothing(client, endpoint):
-  decisions = fx.make_decisions(300, customers=30)
+  decisions = fx.make_decisions(300, customers=30, batch_rows=40)
   with TcpProxy(endpoint.host, endpoint.port) as proxy:
     proxy.interrupt_after_bytes(40_000, outage_s=3.0)
     sink = WriteToClickHouse(f"clickhouse://{proxy.url_host_port}/{DB}", batch_size=20, retry=fx.FAST_RETRY)
@@ -164,4 +194,4 @@ def test_outage_mid_write_loses_and_duplicates_nothing(client, endpoint):
   assert final_count(client) == 300
   assert ch.count_distinct_transactions(client, database=DB) == 300
   assert client.execute(f"SELECT sum(amount_minor) FROM {DB}.decisions FINAL")[0][0] == sum(
-      d.transaction.amount_minor for d in decisions)
+      d["amount_minor"] for d in fx.rows(decisions))

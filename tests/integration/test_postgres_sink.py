@@ -10,7 +10,6 @@ from txstream.io import migrations
 from txstream.io import postgres_sink as pg
 from txstream.io.postgres_sink import WriteDeadLettersToPostgres, WriteToPostgres
 from txstream.io.sinks import SinkConfigError
-from txstream.records import DeadLetter
 
 DB = "txstream_test"
 
@@ -54,10 +53,19 @@ def scalar(conn, sql, params=()):
     return cur.fetchone()[0]
 
 
+def stored(conn) -> list:
+  """Every stored decision and key, without the time of the write."""
+  with conn, conn.cursor() as cur:
+    cur.execute("SELECT to_jsonb(d) - 'written_at' FROM decisions d ORDER BY transaction_id")
+    decisions = [r[0] for r in cur.fetchall()]
+    cur.execute("SELECT transaction_id, event_date FROM decision_keys ORDER BY transaction_id")
+    return decisions + cur.fetchall()
+
+
 def test_writes_decisions_into_day_partitions(conn, dsn):
-  decisions = fx.make_decisions(50)
-  decisions[13] = decisions[13]._replace(reason_codes=['QUOTE"D', "BACK\\SLASH", "A,B", "{BRACE}"])
-  counts = fx.run_write(WriteToPostgres(dsn, batch_size=16), decisions, expect_written=50)
+  decisions = fx.with_values(fx.make_decisions(50), 13, reason_codes=['QUOTE"D', "BACK\\SLASH", "A,B", "{BRACE}"])
+  # One batch of 50 rows, written as 16 + 16 + 16 + 2.
+  counts = fx.run_write(WriteToPostgres(dsn, batch_size=16), decisions, expect_written=50, expect_writes=4)
   assert counts["tier.warm"] == 50
   assert scalar(conn, "SELECT count(*) FROM decisions") == 50
   assert scalar(conn, "SELECT count(*) FROM decision_keys") == 50
@@ -65,27 +73,42 @@ def test_writes_decisions_into_day_partitions(conn, dsn):
                       "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'decisions'::regclass") == [
                           "decisions_p20180401", "decisions_p20180402", "decisions_p20180403"]
 
-  for d in (decisions[0], decisions[9], decisions[13]):
-    t = d.transaction
-    row = pg.decision_by_id(conn, t.transaction_id)
-    assert row["event_date"] == datetime.date(1970, 1, 1) + datetime.timedelta(days=t.event_time_ms // fx.DAY_MS)
-    assert (row["event_time_ms"], row["decided_at_ms"]) == (t.event_time_ms, d.decided_at_ms)
+  rows = fx.rows(decisions)
+  for d in (rows[0], rows[9], rows[13]):
+    row = pg.decision_by_id(conn, d["transaction_id"])
+    assert row["event_date"] == datetime.date(1970, 1, 1) + datetime.timedelta(days=d["event_time_ms"] // fx.DAY_MS)
+    assert (row["event_time_ms"], row["decided_at_ms"]) == (d["event_time_ms"], d["decided_at_ms"])
     assert (row["customer_id"], row["terminal_id"], row["amount_minor"], row["currency"]) == (
-        t.customer_id, t.terminal_id, t.amount_minor, t.currency)
+        d["customer_id"], d["terminal_id"], d["amount_minor"], d["currency"])
     assert (row["entry_mode"], row["merchant_category"], row["reference_version"]) == (
-        t.entry_mode, t.merchant_category, t.reference_version)
+        d["entry_mode"], d["merchant_category"], d["reference_version"])
     assert (row["score"], row["decision"], row["reason_codes"], row["features"]) == (
-        d.score, d.decision, list(d.reason_codes), list(d.features))
-    assert (row["source"], row["card_token"], row["model_version"]) == (t.source, t.card_token, "model-1")
+        d["score"], d["decision"], list(d["reason_codes"]), list(d["features"]))
+    assert (row["source"], row["card_token"], row["model_version"]) == (d["source"], d["card_token"], "model-1")
+  assert rows[13]["reason_codes"] == ['QUOTE"D', "BACK\\SLASH", "A,B", "{BRACE}"]
   assert "\t" in pg.decision_by_id(conn, "tx-00009")["source"]
   assert pg.decision_by_id(conn, "nope") is None
 
 
+def test_text_nulls_empties_and_nul_characters(conn, dsn):
+  # An empty string stays an empty string (not NULL), NUL cannot be stored in text and becomes U+FFFD,
+  # and a null optional stays NULL.
+  decisions = fx.with_values(fx.make_decisions(3), 1, entry_mode="", customer_segment="a\x00b",
+                             reason_codes=["", "x\x00"])
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=3)
+  with conn, conn.cursor() as cur:
+    cur.execute("SELECT transaction_id, entry_mode, customer_segment, reason_codes, home_distance FROM decisions "
+                "ORDER BY transaction_id")
+    assert cur.fetchall() == [("tx-00000", None, "retail", [], 0.0),
+                              ("tx-00001", "", "a\ufffdb", ["", "x\ufffd"], 1.0),
+                              ("tx-00002", "chip", "retail", ["NIGHT", "FAR_FROM_HOME"], 2.0)]
+
+
 def test_rewrite_is_idempotent_and_upserts(conn, dsn):
-  decisions = fx.make_decisions(50)
+  decisions = fx.make_decisions(50, batch_rows=10)
   fx.run_write(WriteToPostgres(dsn, batch_size=7), decisions, expect_written=50)
   before = pg.decision_by_id(conn, "tx-00011")
-  fx.run_write(WriteToPostgres(dsn, batch_size=50), list(reversed(decisions)), expect_written=50)
+  fx.run_write(WriteToPostgres(dsn, batch_size=50), fx.reversed_rows(decisions, batch_rows=13), expect_written=50)
   assert scalar(conn, "SELECT count(*) FROM decisions") == 50
   assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 50
   assert pg.decision_by_id(conn, "tx-00011") == before
@@ -96,16 +119,35 @@ def test_rewrite_is_idempotent_and_upserts(conn, dsn):
   assert pg.decision_by_id(conn, "tx-00011")["score"] == pytest.approx(before["score"] + 0.001)
 
 
+def test_same_batch_twice_leaves_the_same_state(conn, dsn):
+  decisions = fx.make_decisions(40)
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=40)
+  once = stored(conn)
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=40)
+  assert stored(conn) == once and len(once) == 80
+
+
+def test_later_copy_of_a_transaction_in_one_batch_wins(conn, dsn):
+  first = fx.make_decisions(5)
+  later = fx.make_decisions(5, score_offset=0.5)
+  both = fx.take(first + later, [0, 1, 5, 2, 6, 3, 4])  # tx-00000 and tx-00001 twice, the later ones after
+  assert fx.run_write(WriteToPostgres(dsn), both, expect_written=7)["tier.warm"] == 7
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 5
+  assert pg.decision_by_id(conn, "tx-00001")["score"] == fx.rows(later)[1]["score"]
+  assert pg.decision_by_id(conn, "tx-00002")["score"] == fx.rows(first)[2]["score"]
+
+
 def test_transaction_id_unique_across_days(conn, dsn):
   first = fx.make_decisions(10)
   fx.run_write(WriteToPostgres(dsn), first, expect_written=10)
-  moved = first[3]._replace(transaction=first[3].transaction._replace(
-      event_time_ms=first[3].transaction.event_time_ms + 5 * fx.DAY_MS))
-  counts = fx.run_write(WriteToPostgres(dsn), [moved] + first[4:6], expect_written=2,
-                        expect_dead=["transaction_id=tx-00003"])
+  stored_ms = fx.rows(first)[3]["event_time_ms"]
+  moved = fx.with_values(fx.take(first, [3, 4, 5]), 0, event_time_ms=stored_ms + 5 * fx.DAY_MS)
+  counts = fx.run_write(WriteToPostgres(dsn), moved, expect_written=2, expect_dead=["transaction_id=tx-00003"],
+                        expect_dead_letters=[("test.wire#3", "sink.warm", "transaction_id_conflict",
+                                              "transaction_id=tx-00003")])
   assert counts["sink.warm.rejected"] == 1
   assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 1
-  assert pg.decision_by_id(conn, "tx-00003")["event_time_ms"] == first[3].transaction.event_time_ms
+  assert pg.decision_by_id(conn, "tx-00003")["event_time_ms"] == stored_ms
   # The database itself refuses the same transaction under a second day.
   with pytest.raises(psycopg2.errors.ForeignKeyViolation):
     with conn, conn.cursor() as cur:
@@ -115,23 +157,30 @@ def test_transaction_id_unique_across_days(conn, dsn):
 
 
 def test_bad_records_become_dead_letters_and_the_rest_is_written(conn, dsn):
-  decisions = fx.make_decisions(20)
-  decisions[5] = decisions[5]._replace(decision="maybe")  # the table's CHECK refuses it
-  decisions[12] = decisions[12]._replace(
-      transaction=decisions[12].transaction._replace(merchant_category=2 ** 40))  # integer out of range
-  counts = fx.run_write(WriteToPostgres(dsn, batch_size=8), decisions, expect_written=18,
-                        expect_dead=["transaction_id=tx-00005", "transaction_id=tx-00012"])
-  assert counts["tier.warm"] == 18 and counts["sink.warm.rejected"] == 2
-  assert scalar(conn, "SELECT count(*) FROM decisions") == 18
+  decisions = fx.make_decisions(20, batch_rows=10)
+  decisions = fx.with_values(decisions, 5, decision="maybe")  # the table's CHECK refuses it
+  decisions = fx.with_values(decisions, 12, decided_at_ms=2 ** 62)  # a timestamp out of range
+  decisions = fx.with_values(decisions, 17, card_token=None)  # NOT NULL
+  counts = fx.run_write(WriteToPostgres(dsn, batch_size=8), decisions, expect_written=17,
+                        expect_dead=["transaction_id=tx-00005", "transaction_id=tx-00012", "transaction_id=tx-00017"],
+                        expect_dead_letters=[(f"test.wire#{i}", "sink.warm", "rejected_by_store",
+                                              f"transaction_id=tx-{i:05d}") for i in (5, 12, 17)])
+  assert counts["tier.warm"] == 17 and counts["sink.warm.rejected"] == 3
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 17
+  assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id IN ('tx-00004', 'tx-00006')") == 2
 
 
 def test_dead_letters_upsert_on_source_and_stage(conn, dsn):
-  letters = [DeadLetter(f"topic/0@{i}", bytes([0, 1, 2, i]) if i % 2 else None, "decode", "bad_magic_byte",
-                        "ValueError", f"line one\nline\ttwo \\ \x00 {i}", "0.1.0") for i in range(30)]
+  letters = [{"source": f"topic/0@{i}", "raw": bytes([0, 1, 2, i]) if i % 2 else None, "stage": "decode",
+              "reason": "bad_magic_byte", "error_class": "ValueError",
+              "message": f"line one\nline\ttwo \\ \x00 {i}", "pipeline_version": "0.1.0"} for i in range(30)]
   sink = WriteDeadLettersToPostgres(dsn, batch_size=8)
-  assert fx.run_write(sink, letters, expect_written=30)["tier.warm_dead_letters"] == 30
+  assert fx.run_write(sink, [fx.dead_letter_batch(letters)], expect_written=30,
+                      expect_writes=4)["tier.warm_dead_letters"] == 30
   # Repeats within a batch and across runs: every input counts as written, each key is stored once.
-  fx.run_write(WriteDeadLettersToPostgres(dsn), letters + letters[:5], expect_written=35)
+  fx.run_write(WriteDeadLettersToPostgres(dsn), [fx.dead_letter_batch(letters[:20]),
+                                                 fx.dead_letter_batch(letters[20:] + letters[:5])],
+               expect_written=35)
   assert scalar(conn, "SELECT count(*) FROM dead_letters") == 30
   with conn, conn.cursor() as cur:
     cur.execute("SELECT raw, message FROM dead_letters WHERE source = 'topic/0@3'")
@@ -144,24 +193,24 @@ def test_dead_letters_upsert_on_source_and_stage(conn, dsn):
 def test_operational_queries(conn, dsn):
   decisions = fx.make_decisions(50)
   fx.run_write(WriteToPostgres(dsn), decisions, expect_written=50)
+  rows = fx.rows(decisions)
   since = fx.T0 + fx.DAY_MS
-  mine = sorted((d for d in decisions if d.transaction.customer_id == 1 and d.transaction.event_time_ms >= since),
-                key=lambda d: -d.transaction.event_time_ms)
+  mine = sorted((d for d in rows if d["customer_id"] == 1 and d["event_time_ms"] >= since),
+                key=lambda d: -d["event_time_ms"])
   got = pg.decisions_for_customer(conn, 1, since)
-  assert [r["transaction_id"] for r in got] == [d.transaction.transaction_id for d in mine]
+  assert [r["transaction_id"] for r in got] == [d["transaction_id"] for d in mine]
   bounded = pg.decisions_for_customer(conn, 1, since, until_ms=since + fx.DAY_MS, limit=2)
-  assert [r["transaction_id"] for r in bounded] == [d.transaction.transaction_id for d in mine
-                                                    if d.transaction.event_time_ms < since + fx.DAY_MS][:2]
+  assert [r["transaction_id"] for r in bounded] == [d["transaction_id"] for d in mine
+                                                    if d["event_time_ms"] < since + fx.DAY_MS][:2]
 
-  reviews = sorted((d for d in decisions if d.decision == "review"),
-                   key=lambda d: (-d.score, d.transaction.event_time_ms))
+  reviews = sorted((d for d in rows if d["decision"] == "review"), key=lambda d: (-d["score"], d["event_time_ms"]))
   assert [r["transaction_id"] for r in pg.review_queue(conn, limit=5)] == [
-      d.transaction.transaction_id for d in reviews[:5]]
+      d["transaction_id"] for d in reviews[:5]]
 
   expected = {}
-  for d in decisions:
-    day = datetime.date(1970, 1, 1) + datetime.timedelta(days=d.transaction.event_time_ms // fx.DAY_MS)
-    expected[(day, d.decision)] = expected.get((day, d.decision), 0) + 1
+  for d in rows:
+    day = datetime.date(1970, 1, 1) + datetime.timedelta(days=d["event_time_ms"] // fx.DAY_MS)
+    expected[(day, d["decision"])] = expected.get((day, d["decision"]), 0) + 1
   assert {(r["event_date"], r["decision"]): r["rows"] for r in pg.daily_counts(conn)} == expected
 
 
@@ -203,7 +252,7 @@ def test_preflight_errors_are_one_line(endpoint):
 
 
 def test_outage_mid_write_loses_and_duplicates_nothing(conn, endpoint):
-  decisions = fx.make_decisions(300, customers=30, days=4)
+  decisions = fx.make_decisions(300, customers=30, days=4, batch_rows=40)
   with TcpProxy(endpoint.host, endpoint.port) as proxy:
     proxy.interrupt_after_bytes(30_000, outage_s=3.0)
     sink = WriteToPostgres(f"host=127.0.0.1 port={proxy.port} user=postgres dbname={DB}", batch_size=20,
@@ -214,4 +263,4 @@ def test_outage_mid_write_loses_and_duplicates_nothing(conn, endpoint):
   assert counts.get("sink.warm.failed", 0) == 0
   assert scalar(conn, "SELECT count(*) FROM decisions") == 300
   assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 300
-  assert scalar(conn, "SELECT sum(amount_minor) FROM decisions") == sum(d.transaction.amount_minor for d in decisions)
+  assert scalar(conn, "SELECT sum(amount_minor) FROM decisions") == sum(d["amount_minor"] for d in fx.rows(decisions))

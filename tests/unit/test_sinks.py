@@ -1,12 +1,17 @@
-"""The sink machinery without servers: backoff, deadline, circuit breaker, batching."""
+"""The sink machinery without servers: backoff, deadline, circuit breaker, batching, isolating rejected rows."""
 import apache_beam as beam
+import pyarrow as pa
 import pytest
+from apache_beam.pvalue import TaggedOutput
 
+from tests.integration import sink_fixtures as fx
+from txstream.core import contracts
+from txstream.core.batch import DeadLetterBatch, DecisionBatch
 from txstream.io.clickhouse_sink import WriteToClickHouse
 from txstream.io.postgres_sink import WriteDeadLettersToPostgres, WriteToPostgres
 from txstream.io.redis_sink import WriteToRedis
-from txstream.io.sinks import BatchBuffer, CircuitBreaker, RetryPolicy, SinkConfigError, retry_with_backoff
-from txstream.records import DeadLetter, Decision
+from txstream.io.sinks import (FEATURE_POSITIONS, BatchBuffer, BatchingWriteFn, CircuitBreaker, Refusal, RetryPolicy,
+                               SinkConfigError, refuse_nulls, retry_with_backoff)
 
 
 class FakeTime:
@@ -102,26 +107,158 @@ def test_open_breaker_replaces_the_backoff_pause():
   assert fn.calls == 3 and breaker.state == "closed"
 
 
-def test_buffer_flushes_by_rows_and_by_bytes():
-  buf = BatchBuffer(max_rows=3, max_bytes=100)
-  assert not buf.add("a", 10) and not buf.add("b", 10)
-  assert buf.add("c", 10)
-  assert buf.drain() == ["a", "b", "c"] and len(buf) == 0 and buf.nbytes == 0
-  assert buf.add("big", 150)
-  assert buf.drain() == ["big"]
+def rows_table(n: int, start: int = 0) -> pa.Table:
+  return pa.table({"x": list(range(start, start + n)), "pad": ["y" * 10] * n})
+
+
+def test_buffer_writes_by_rows_and_keeps_the_remainder():
+  buf = BatchBuffer(max_rows=4, max_bytes=1 << 20)
+  assert not buf.add(rows_table(3))
+  assert buf.add(rows_table(6, start=3))
+  writes = buf.take(final=False)
+  assert [w.column("x").to_pylist() for w in writes] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert len(buf) == 1  # short of a full write: waits for the next element
+  assert [w.column("x").to_pylist() for w in buf.take(final=True)] == [[8]]
+  assert len(buf) == 0 and buf.nbytes == 0 and buf.take(final=True) == []
+
+
+def test_buffer_writes_by_bytes():
+  table = rows_table(100)
+  buf = BatchBuffer(max_rows=1000, max_bytes=table.nbytes // 4)
+  assert buf.add(table)
+  writes = buf.take(final=True)
+  assert len(writes) >= 4 and sum(w.num_rows for w in writes) == 100
+  assert all(w.nbytes <= table.nbytes // 4 + 1 for w in writes)
+  assert [x for w in writes for x in w.column("x").to_pylist()] == list(range(100))
+
+
+def test_feature_positions_are_the_feature_block_of_the_decision_schema():
+  # DECISION names home_distance twice (the transaction's, then the feature): sinks go by position.
+  names = contracts.DECISION.names
+  assert tuple(names[p] for p in FEATURE_POSITIONS) == contracts.FEATURE_COLUMNS
+  assert names.index("home_distance") < FEATURE_POSITIONS[0]
+
+
+def test_refuse_nulls_splits_off_rows_with_a_null_where_the_store_needs_a_value():
+  table = fx.table_of(fx.with_values(fx.make_decisions(6), 2, card_token=None))
+  table = fx.table_of(fx.with_values([DecisionBatch(table)], 4, score=None))
+  kept, refused = refuse_nulls(table, [table.schema.names.index(c) for c in ("card_token", "score")])
+  assert kept.column("transaction_id").to_pylist() == ["tx-00000", "tx-00001", "tx-00003", "tx-00005"]
+  [refusal] = refused
+  assert refusal.rows.column("transaction_id").to_pylist() == ["tx-00002", "tx-00004"]
+  assert [str(e) for e in refusal.errors] == ["null card_token", "null score"]
+  assert refuse_nulls(kept, [0, 1]) == (kept, [])
+
+
+class _StoreFn(BatchingWriteFn):
+  """A sink over an in-memory dict: upserts on transaction_id, refuses decisions "maybe" (a content error)."""
+
+  def __init__(self, batch_size: int, max_batch_bytes: int = 1 << 30):
+    super().__init__("test", batch_size, max_batch_bytes, RetryPolicy())
+    self.store, self.writes = {}, []
+
+  def open_client(self):
+    pass
+
+  def close_client(self):
+    pass
+
+  def is_retryable(self, error):
+    return False
+
+  def is_rejected(self, error):
+    return isinstance(error, ValueError)
+
+  def write_batch(self, table):
+    ids = table.column("transaction_id").to_pylist()
+    decisions = table.column("decision").to_pylist()
+    if "maybe" in decisions:
+      raise ValueError("decision out of range")
+    self.writes.append(len(ids))
+    self.store.update(zip(ids, decisions))
+    return []
+
+
+def drive(fn: BatchingWriteFn, batches):
+  """Runs a sink DoFn over batches as one bundle; returns (written ints, dead-letter batches)."""
+  fn.setup()
+  fn.start_bundle()
+  out = [o for b in batches for o in fn.process(b)] + list(fn.finish_bundle())
+  written = [o.value for o in out if not isinstance(o, TaggedOutput)]
+  letters = [o.value.value for o in out if isinstance(o, TaggedOutput)]
+  return written, letters
+
+
+def test_a_batch_bigger_than_batch_size_is_several_writes():
+  fn = _StoreFn(batch_size=16)
+  written, letters = drive(fn, fx.make_decisions(50))
+  assert fn.writes == [16, 16, 16, 2] and written == fn.writes and letters == []
+  assert sorted(fn.store) == [f"tx-{i:05d}" for i in range(50)]
+
+
+def test_small_batches_are_gathered_into_full_writes():
+  fn = _StoreFn(batch_size=16)
+  written, _ = drive(fn, fx.make_decisions(50, batch_rows=5))
+  assert written == [16, 16, 16, 2]
+
+
+def test_a_rejected_row_is_isolated_as_a_dead_letter_and_the_rest_lands():
+  fn = _StoreFn(batch_size=16)
+  batches = fx.with_values(fx.make_decisions(20, batch_rows=10), 13, decision="maybe")
+  written, letters = drive(fn, batches)
+  assert sum(written) == 19 and len(fn.store) == 19 and "tx-00013" not in fn.store
+  [letter] = letters
+  assert isinstance(letter, DeadLetterBatch) and letter.table.schema.equals(contracts.DEAD_LETTER)
+  row = letter.table.to_pylist()[0]
+  assert row["message"] == "transaction_id=tx-00013: decision out of range"
+  assert (row["source"], row["stage"], row["reason"], row["error_class"], row["raw"]) == (
+      "test.wire#13", "sink.test", "rejected_by_store", "ValueError", None)
+  assert row["pipeline_version"] == contracts.PIPELINE_VERSION
+
+
+def test_refusals_from_write_batch_become_dead_letters_with_their_reason():
+  class RefusingFn(_StoreFn):
+    def write_batch(self, table):
+      refused = table.slice(0, 1)
+      super().write_batch(table.slice(1))
+      return [Refusal(refused, [ValueError("taken")], reason="transaction_id_conflict")]
+
+  written, letters = drive(RefusingFn(batch_size=100), fx.make_decisions(9))
+  assert written == [8]
+  rows = letters[0].table.to_pylist()
+  assert [(r["reason"], r["message"], r["source"]) for r in rows] == [
+      ("transaction_id_conflict", "transaction_id=tx-00000: taken", "odd\tsource\\0\"q\"")]
+
+
+def test_dead_letter_batches_flow_through_the_same_machinery():
+  letters = DeadLetterBatch(pa.Table.from_pylist(
+      [{"source": f"f#{i}", "raw": b"x", "stage": "decode", "reason": "r", "error_class": "E", "message": "m",
+        "pipeline_version": "0"} for i in range(5)], schema=contracts.DEAD_LETTER))
+
+  class LetterFn(_StoreFn):
+    def write_batch(self, table):
+      if "f#3" in table.column("source").to_pylist():
+        raise ValueError("bad letter")
+      self.writes.append(table.num_rows)
+      return []
+
+  fn = LetterFn(batch_size=5)
+  written, dead = drive(fn, [letters])
+  assert sum(written) == 4
+  assert [(r["source"], r["message"]) for r in dead[0].table.to_pylist()] == [("f#3", "bad letter")]
 
 
 def test_sinks_return_typed_results_without_connecting():
   # Constructing and expanding a sink never touches its server (the ports here are closed).
   p = beam.Pipeline()
-  decisions = p | beam.Create([]).with_output_types(Decision)
+  decisions = p | beam.Create([]).with_output_types(DecisionBatch)
   for label, sink in [("hot", WriteToRedis("redis://127.0.0.1:1/0")),
                       ("warm", WriteToPostgres("host=127.0.0.1 port=1 dbname=x")),
                       ("analytics", WriteToClickHouse("clickhouse://127.0.0.1:1/x"))]:
     result = decisions | label >> sink
-    assert (result.written.element_type, result.dead_letters.element_type) == (int, DeadLetter)
-  letters = p | "Letters" >> beam.Create([]).with_output_types(DeadLetter)
-  assert (letters | WriteDeadLettersToPostgres("dbname=x")).dead_letters.element_type == DeadLetter
+    assert (result.written.element_type, result.dead_letters.element_type) == (int, DeadLetterBatch)
+  letters = p | "Letters" >> beam.Create([]).with_output_types(DeadLetterBatch)
+  assert (letters | WriteDeadLettersToPostgres("dbname=x")).dead_letters.element_type == DeadLetterBatch
 
 
 @pytest.mark.parametrize("make", [lambda: WriteToRedis("redis://127.0.0.1:6379/0", batch_size=0),

@@ -17,7 +17,11 @@ fewer feature columns gets the new ones at preflight (``ALTER TABLE ... ADD
 COLUMN``; earlier rows hold 0 there); any other missing column is an error.
 
 Batches are columnar inserts of up to ``batch_size`` rows; ClickHouse makes
-one part per insert, so bigger batches mean fewer merges.
+one part per insert, so bigger batches mean fewer merges. The columns go
+from the Arrow table to the driver as numpy arrays (the driver's
+``use_numpy`` mode: numbers are written as whole buffers, not per value);
+the driver has no numpy form of ``Enum8`` and ``Array(String)`` and writes
+those two per value, as it says in a warning we filter out.
 
 Dashboard queries (each takes a ``clickhouse_driver.Client``; times are epoch ms, UTC):
   ``fraud_rate_per_hour(client, since_ms=None, until_ms=None)``
@@ -28,21 +32,25 @@ Dashboard queries (each takes a ``clickhouse_driver.Client``; times are epoch ms
 import logging
 import re
 import struct
-from typing import List, Optional, Sequence
+from typing import List, Optional
 from urllib.parse import unquote, urlsplit
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
+from txstream.core import contracts
+from txstream.core.batch import DecisionBatch
 from txstream.io import sinks
-from txstream.io.sinks import BatchingWriteFn, RetryPolicy, SinkConfigError, SinkResult
-from txstream.records import Decision
-from txstream.transforms.features import FEATURE_NAMES
+from txstream.io.sinks import (FEATURE_POSITIONS, BatchingWriteFn, Refusal, RetryPolicy, SinkConfigError, SinkResult,
+                               column_position)
 
 _LOGGER = logging.getLogger(__name__)
 
-DECISIONS = ("approve", "review", "decline")
+DECISIONS = contracts.ACTIONS
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CODES = ch_errors.ErrorCodes
 # Server states that pass: overload, timeouts, too many parts waiting for merges, network trouble.
@@ -56,11 +64,30 @@ _AUTH_CODES = {_CODES.UNKNOWN_USER, _CODES.WRONG_PASSWORD, 516}
 _VALUE_ERRORS = (ch_errors.LogicalError, ch_errors.TypeMismatchError, ch_errors.TooLargeStringSize, TypeError,
                  ValueError, OverflowError, UnicodeError, struct.error)
 
-FEATURE_COLUMNS = [name.lower() for name in FEATURE_NAMES]
-INSERT_COLUMNS = (["transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
-                   "currency", "entry_mode", "merchant_category", "customer_segment", "score",
-                   "decision", "reason_codes", "model_version", "reference_version", "pipeline_version",
-                   "schema_id", "source", "decided_at_ms"] + FEATURE_COLUMNS)
+FEATURE_COLUMNS = list(contracts.FEATURE_COLUMNS)
+_PLAIN_COLUMNS = ["transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
+                  "currency", "entry_mode", "merchant_category", "customer_segment", "score",
+                  "decision", "reason_codes", "model_version", "reference_version", "pipeline_version",
+                  "schema_id", "source", "decided_at_ms"]
+INSERT_COLUMNS = _PLAIN_COLUMNS + FEATURE_COLUMNS
+# Where each insert column is in contracts.DECISION (the features by position: home_distance is there twice).
+_POSITIONS = [column_position(c) for c in _PLAIN_COLUMNS] + list(FEATURE_POSITIONS)
+_NULLABLE = {"entry_mode", "merchant_category", "customer_segment", "reference_version", "reason_codes"}
+_REQUIRED = tuple(p for c, p in zip(INSERT_COLUMNS, _POSITIONS) if c not in _NULLABLE)
+_DECISION_POSITION = column_position("decision")
+# Types the driver writes per value even in numpy mode; it warns about them on every insert.
+_GENERIC_SPECS = ("Enum8(", "Array(String)")
+
+
+class _QuietNumpyFallback(logging.Filter):
+  """Drops the driver's per-insert warning that it writes our Enum8 and Array(String) columns per value."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.msg.startswith("NumPy support is not implemented") and record.args
+                and str(record.args[0]).startswith(_GENERIC_SPECS))
+
+
+_QUIET = _QuietNumpyFallback()
 
 
 def table_ddl(database: str) -> str:
@@ -120,10 +147,10 @@ class ClickHouseTarget:
   def where(self) -> str:
     return f"{self.host}:{self.port}"
 
-  def client(self, database: Optional[str] = None, timeout_s: float = 60.0) -> Client:
+  def client(self, database: Optional[str] = None, timeout_s: float = 60.0, use_numpy: bool = False) -> Client:
     return Client(self.host, port=self.port, database=database or self.database, user=self.user,
                   password=self.password, secure=self.secure, connect_timeout=5, send_receive_timeout=timeout_s,
-                  sync_request_timeout=5, client_name="txstream")
+                  sync_request_timeout=5, client_name="txstream", settings={"use_numpy": use_numpy})
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -187,21 +214,24 @@ def preflight(url: str) -> None:
                           "(created by another txstream version; add them with ALTER TABLE ... ADD COLUMN)")
 
 
-def decision_columns(rows: Sequence[Decision]) -> List[list]:
-  """Columns in ``INSERT_COLUMNS`` order, for a columnar insert."""
-  txs = [d.transaction for d in rows]
-  features = list(zip(*(d.features for d in rows)))
-  if len(features) != len(FEATURE_COLUMNS):
-    raise ValueError(f"expected {len(FEATURE_COLUMNS)} features per decision")
-  return [
-      [t.transaction_id for t in txs], [t.event_time_ms for t in txs], [t.customer_id for t in txs],
-      [t.terminal_id for t in txs], [t.card_token for t in txs], [t.amount_minor for t in txs],
-      [t.currency for t in txs], [t.entry_mode for t in txs], [t.merchant_category for t in txs],
-      [t.customer_segment for t in txs], [float(d.score) for d in rows],
-      [d.decision for d in rows], [list(d.reason_codes) for d in rows], [d.model_version for d in rows],
-      [t.reference_version for t in txs], [d.pipeline_version for d in rows], [t.schema_id for t in txs],
-      [t.source for t in txs], [d.decided_at_ms for d in rows],
-  ] + [[float(x) for x in column] for column in features]
+def decision_columns(table: pa.Table) -> List[np.ndarray]:
+  """A ``contracts.DECISION`` table's columns in ``INSERT_COLUMNS`` order, as the driver's numpy mode takes them.
+
+  Numbers as numeric arrays (zero-copy where Arrow allows; a nullable one as
+  float64 with NaN for null, which the driver writes as NULL), text and
+  arrays as object arrays (None for null; a null ``reason_codes`` is empty).
+  """
+  out = []
+  for name, position in zip(INSERT_COLUMNS, _POSITIONS):
+    column = table.column(position)
+    if name == "reason_codes":
+      # fromiter: assigning a list of lists to an object array would let numpy broadcast it as 2-D.
+      out.append(np.fromiter((codes or [] for codes in column.to_pylist()), dtype=object, count=table.num_rows))
+    elif pa.types.is_string(column.type):
+      out.append(column.to_numpy(zero_copy_only=False))
+    else:
+      out.append(column.to_numpy())
+  return out
 
 
 class _WriteToClickHouseFn(BatchingWriteFn):
@@ -215,8 +245,11 @@ class _WriteToClickHouseFn(BatchingWriteFn):
   def open_client(self):
     self._target = ClickHouseTarget(self._url)
     ensure_schema(self._target)
-    self._client = self._target.client()
+    self._client = self._target.client(use_numpy=True)
     self._insert = f"INSERT INTO {self._target.database}.decisions ({', '.join(INSERT_COLUMNS)}) VALUES"
+    driver_log = logging.getLogger("clickhouse_driver.columns.service")
+    if _QUIET not in driver_log.filters:
+      driver_log.addFilter(_QUIET)
 
   def close_client(self):
     if self._client is not None:
@@ -229,24 +262,24 @@ class _WriteToClickHouseFn(BatchingWriteFn):
   def is_rejected(self, error):
     return is_rejected(error)
 
-  def write_batch(self, rows: List[Decision]):
+  def write_batch(self, table: pa.Table) -> List[Refusal]:
+    table, refused = sinks.refuse_nulls(table, _REQUIRED)
     # The Enum8 column refuses other decisions; catch them here rather than by splitting the batch.
-    good, dead = [], []
-    for d in rows:
-      if d.decision in DECISIONS and len(d.features) == len(FEATURE_COLUMNS):
-        good.append(d)
-      else:
-        dead.append((self.dead_letter_for(d, ValueError(
-            f"decision {d.decision!r} with {len(d.features)} features cannot be stored")), d))
-    if good:
-      self._client.execute(self._insert, decision_columns(good), columnar=True)
-    return dead
+    known = pc.is_in(table.column(_DECISION_POSITION), pa.array(DECISIONS))
+    if not pc.all(known).as_py():
+      odd = table.filter(pc.invert(known))
+      refused.append(Refusal(odd, [ValueError(f"decision {d!r} cannot be stored")
+                                   for d in odd.column(_DECISION_POSITION).to_pylist()]))
+      table = table.filter(known)
+    if table.num_rows:
+      self._client.execute(self._insert, decision_columns(table), columnar=True)
+    return refused
 
 
-class WriteToClickHouse(beam.PTransform[beam.PCollection[Decision], SinkResult]):
-  """Decisions -> ``<database>.decisions`` in ClickHouse (see the module docstring).
+class WriteToClickHouse(beam.PTransform[beam.PCollection[DecisionBatch], SinkResult]):
+  """DecisionBatches -> ``<database>.decisions`` in ClickHouse (see the module docstring).
 
-  Returns a ``SinkResult``: ``written`` (rows per batch) and ``dead_letters``
+  Returns a ``SinkResult``: ``written`` (rows per write) and ``dead_letters``
   (decisions the table cannot hold). Rewrites are deduplicated by the
   ReplacingMergeTree on ``transaction_id``; read with ``FINAL``.
   """

@@ -1,11 +1,13 @@
 """Shared machinery for the storage sinks: batching, retries, a circuit breaker, metrics.
 
-Every sink DoFn derives from ``BatchingWriteFn``. It buffers elements in
-``process``, writes a batch when it reaches ``batch_size`` rows or
-``max_batch_bytes`` (estimated) bytes, and writes whatever is left in
-``finish_bundle``, so a bundle never commits with rows still in memory.
-In streaming, bundles are often small and a batch is then no bigger than
-its bundle: that is the price of never acknowledging unwritten rows.
+Every sink DoFn derives from ``BatchingWriteFn``. Its elements are batches
+(``DecisionBatch``, or ``DeadLetterBatch`` for the dead-letter writer): it
+buffers their Arrow tables in ``process``, writes as soon as the buffered rows
+reach ``batch_size`` rows or ``max_batch_bytes`` bytes (Arrow's own size of
+the rows; an element bigger than that is cut into several writes), and writes
+whatever is left in ``finish_bundle``, so a bundle never commits with rows
+still in memory. In streaming, bundles are often small and a write is then no
+bigger than its bundle: that is the price of never acknowledging unwritten rows.
 
 A batch write is retried with exponential backoff and jitter for as long as
 the error is retryable (connection refused or dropped, timeouts, server
@@ -19,8 +21,11 @@ A circuit breaker per DoFn instance opens after a run of consecutive
 failures; while open, the writer *waits* for the cool-down instead of calling
 the server, then lets one attempt through (half-open). Nothing is dropped: a
 batch either lands, becomes dead letters for records the store rejects on
-their content (found by splitting the batch), or fails the bundle so the
-runner retries it.
+their content (found by splitting the batch in halves, or refused up front by
+the sink), or fails the bundle so the runner retries it. Dead letters leave as
+one ``DeadLetterBatch`` per write: stage ``sink.<name>``, reason
+``rejected_by_store`` (or the sink's own, e.g. ``transaction_id_conflict``),
+the row's ``source``, and for decisions a message ``transaction_id=<id>: <error>``.
 
 Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
   ``tier.<name>``              counter, rows written (the run summary reads these)
@@ -28,27 +33,45 @@ Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
   ``sink.<name>.failed``       counter, batches given up on (the bundle fails)
   ``sink.<name>.rejected``     counter, records the store rejected (dead letters)
   ``sink.<name>.write_ms``     distribution, wall time per batch including retries
-  ``sink.<name>.batch_size``   distribution, rows per batch
+  ``sink.<name>.batch_size``   distribution, rows per batch write
+
+``contracts.DECISION`` holds two columns named ``home_distance`` (the enriched
+transaction's, then the HOME_DISTANCE feature), so the sinks address its
+columns by position: ``column_position`` and ``FEATURE_POSITIONS``.
 """
+import functools
 import logging
 import random
 import time
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-import txstream
-from txstream.records import DeadLetter, Decision
+from txstream.core import contracts
+from txstream.core.batch import Batch, DeadLetterBatch
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "txstream"
+NAMESPACE = contracts.NAMESPACE
 DEAD_LETTERS = "dead_letters"
 WRITTEN = "written"
+REJECTED = "rejected_by_store"
 T = TypeVar("T")
+
+# Positions in contracts.DECISION: the feature block, and the first column of each name (for
+# home_distance, the enriched transaction's).
+FEATURE_START = contracts.DECISION.names.index(contracts.FEATURE_COLUMNS[0])
+FEATURE_POSITIONS = tuple(range(FEATURE_START, FEATURE_START + len(contracts.FEATURE_COLUMNS)))
+
+
+def column_position(name: str, schema: pa.Schema = contracts.DECISION) -> int:
+  """The position of the first column called ``name``."""
+  return schema.names.index(name)
 
 
 class SinkConfigError(ValueError):
@@ -58,9 +81,9 @@ class SinkConfigError(ValueError):
 class SinkResult(NamedTuple):
   """What every sink returns.
 
-  ``written``: one int per written batch, the rows it wrote (their sum is the
-  rows written), in the global window. ``dead_letters``: records the store
-  rejected on their content, one ``DeadLetter`` each.
+  ``written``: one int per batch write, the rows it wrote (their sum is the
+  rows written), in the global window. ``dead_letters``: ``DeadLetterBatch``es
+  of the rows the store rejected on their content, one batch per write that had any.
   """
   written: beam.PCollection
   dead_letters: beam.PCollection
@@ -176,28 +199,69 @@ def retry_with_backoff(fn: Callable[[], T], is_retryable: Callable[[BaseExceptio
 
 
 class BatchBuffer:
-  """Rows waiting to be written, with their estimated size in bytes."""
+  """Tables waiting to be written, with their rows and Arrow size in bytes."""
 
   def __init__(self, max_rows: int, max_bytes: int):
     if max_rows < 1 or max_bytes < 1:
       raise ValueError("batch limits must be positive")
     self.max_rows = max_rows
     self.max_bytes = max_bytes
-    self.rows: List = []
+    self.tables: List[pa.Table] = []
+    self.rows = 0
     self.nbytes = 0
 
-  def add(self, row, nbytes: int) -> bool:
-    """Adds a row; True when the buffer should be flushed now."""
-    self.rows.append(row)
-    self.nbytes += nbytes
-    return len(self.rows) >= self.max_rows or self.nbytes >= self.max_bytes
+  def add(self, table: pa.Table) -> bool:
+    """Adds a table; True when a write is due."""
+    self.tables.append(table)
+    self.rows += table.num_rows
+    self.nbytes += table.nbytes
+    return self.rows >= self.max_rows or self.nbytes >= self.max_bytes
 
-  def drain(self) -> List:
-    rows, self.rows, self.nbytes = self.rows, [], 0
-    return rows
+  def take(self, final: bool) -> List[pa.Table]:
+    """The buffered rows as writes of at most ``max_rows`` rows and about ``max_bytes``.
+
+    Unless ``final``, rows short of a full write stay buffered for the next
+    element: fewer, fuller writes (ClickHouse makes a part per insert).
+    """
+    if not self.rows:
+      return []
+    table = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
+    per_write = max(1, min(self.max_rows, int(self.max_bytes * self.rows / max(self.nbytes, 1))))
+    writes = [table.slice(start, per_write) for start in range(0, self.rows, per_write)]
+    self.tables, self.rows, self.nbytes = [], 0, 0
+    if not final and writes[-1].num_rows < per_write:
+      self.add(writes.pop())
+    return writes
+
+  def clear(self) -> None:
+    self.tables, self.rows, self.nbytes = [], 0, 0
 
   def __len__(self) -> int:
-    return len(self.rows)
+    return self.rows
+
+
+class Refusal(NamedTuple):
+  """Rows of a write the store refused on their content: the rows, one error per row, the reason."""
+  rows: pa.Table
+  errors: Sequence[BaseException]
+  reason: str = REJECTED
+
+
+def refuse_nulls(table: pa.Table, positions: Sequence[int]) -> Tuple[pa.Table, List[Refusal]]:
+  """Splits off rows with a null in a column (by position) the store cannot hold null.
+
+  Returns the rows to write and, if any were split off, one ``Refusal`` with
+  a ``ValueError("null <column>")`` per row (the first such column).
+  """
+  nullable = [i for i in positions if table.column(i).null_count]
+  if not nullable:
+    return table, []
+  null = functools.reduce(pc.or_, [pc.is_null(table.column(i)) for i in nullable])
+  refused = table.filter(null)
+  names = [table.schema.names[i] for i in nullable]
+  flags = [refused.column(i).is_null().to_pylist() for i in nullable]
+  errors = [ValueError(f"null {next(n for n, f in zip(names, row) if f)}") for row in zip(*flags)]
+  return table.filter(pc.invert(null)), [Refusal(refused, errors)]
 
 
 def check_batch_limits(batch_size: int, max_batch_bytes: int) -> None:
@@ -207,31 +271,27 @@ def check_batch_limits(batch_size: int, max_batch_bytes: int) -> None:
     raise SinkConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}")
 
 
-def decision_bytes(d: Decision) -> int:
-  """A cheap size estimate of a decision as most stores encode it."""
-  t = d.transaction
-  return 160 + len(t.transaction_id) + len(t.card_token) + len(t.source) + 8 * len(d.features)
-
-
 def one_line(error: BaseException) -> str:
   text = " ".join(str(error).split())
   return text or type(error).__name__
 
 
 class BatchingWriteFn(beam.DoFn):
-  """Base DoFn of every sink: buffer, flush by rows/bytes/bundle, retry, count.
+  """Base DoFn of every sink: buffer batches, write by rows/bytes/bundle, retry, count.
 
   Subclasses implement ``open_client()`` (called in ``setup`` and again after
-  ``close_client()``), ``close_client()``, ``write_batch(rows)`` (returns
-  ``[(DeadLetter, row)]`` for rows the store refused, usually none), ``is_retryable`` and
-  optionally ``is_rejected(error)`` (an error caused by a record's content:
-  the batch is split until the offending records are isolated as dead
-  letters) and ``row_bytes``. ``write_batch`` must be idempotent.
+  ``close_client()``), ``close_client()``, ``write_batch(table)`` (one Arrow
+  table of the element's schema; returns a ``Refusal`` per group of rows the
+  store refused, usually none), ``is_retryable`` and optionally
+  ``is_rejected(error)`` (an error caused by a record's content: the table is
+  split in halves until the offending records are isolated as dead letters).
+  ``write_batch`` must be idempotent.
 
-  Main output: rows written per batch (int). Tagged ``dead_letters``: DeadLetter.
+  Elements: ``Batch``es. Main output: rows written per write (int). Tagged
+  ``dead_letters``: ``DeadLetterBatch``.
   """
 
-  STAGE = "sink"
+  STAGE = contracts.SINK
 
   def __init__(self, name: str, batch_size: int, max_batch_bytes: int, retry: RetryPolicy):
     self._name = name
@@ -255,7 +315,7 @@ class BatchingWriteFn(beam.DoFn):
   def close_client(self) -> None:
     raise NotImplementedError
 
-  def write_batch(self, rows: List) -> Sequence[Tuple[DeadLetter, object]]:
+  def write_batch(self, table: pa.Table) -> Sequence[Refusal]:
     raise NotImplementedError
 
   def is_retryable(self, error: BaseException) -> bool:
@@ -263,20 +323,6 @@ class BatchingWriteFn(beam.DoFn):
 
   def is_rejected(self, error: BaseException) -> bool:
     return False
-
-  def row_bytes(self, row) -> int:
-    return decision_bytes(row)
-
-  def dead_letter_for(self, row, error: BaseException, reason: str = "rejected_by_store") -> DeadLetter:
-    """A dead letter for a row this sink could not store. Decisions keep their source position."""
-    if isinstance(row, Decision):
-      source = row.transaction.source
-      message = f"transaction_id={row.transaction.transaction_id}: {one_line(error)}"
-    else:
-      source, message = getattr(row, "source", ""), one_line(error)
-    return DeadLetter(source=source, raw=None, stage=f"{self.STAGE}.{self._name}", reason=reason,
-                      error_class=type(error).__name__, message=message[:500],
-                      pipeline_version=txstream.__version__)
 
   # -- DoFn lifecycle ------------------------------------------------------
   def setup(self):
@@ -286,14 +332,15 @@ class BatchingWriteFn(beam.DoFn):
     self._call(lambda: None)
 
   def start_bundle(self):
-    self._buffer.drain()
+    self._buffer.clear()
 
-  def process(self, row):
-    if self._buffer.add(row, self.row_bytes(row)):
-      yield from self._flush()
+  def process(self, batch: Batch):
+    table = batch.table
+    if table.num_rows and self._buffer.add(table):
+      yield from self._flush(final=False)
 
   def finish_bundle(self):
-    yield from self._flush()
+    yield from self._flush(final=True)
 
   def teardown(self):
     if self._client_open:
@@ -330,52 +377,67 @@ class BatchingWriteFn(beam.DoFn):
     except Exception as error:  # pylint: disable=broad-except
       _LOGGER.debug("closing %s client after an error: %s", self._name, error)
 
-  def _flush(self) -> Iterable:
-    rows = self._buffer.drain()
-    if not rows:
-      return
-    start = time.monotonic()
-    dead = self._write_isolating(rows)
-    self._write_ms.update(int((time.monotonic() - start) * 1000))
-    self._batch_sizes.update(len(rows))
-    written = len(rows) - len(dead)
-    self._rows.inc(written)
-    if dead:
-      self._rejected.inc(len(dead))
-    yield WindowedValue(written, _max_timestamp(rows), (GlobalWindow(),))
-    for letter, row in dead:
-      yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, _timestamp_of(row), (GlobalWindow(),)))
+  def _flush(self, final: bool) -> Iterable:
+    for table in self._buffer.take(final):
+      yield from self._write(table)
 
-  def _write_isolating(self, rows: List) -> List:
-    """Writes rows; returns [(dead letter, row)] for rows the store rejected."""
+  def _write(self, table: pa.Table) -> Iterable:
+    start = time.monotonic()
+    refusals = self._write_isolating(table)
+    self._write_ms.update(int((time.monotonic() - start) * 1000))
+    self._batch_sizes.update(table.num_rows)
+    refused = sum(r.rows.num_rows for r in refusals)
+    self._rows.inc(table.num_rows - refused)
+    yield WindowedValue(table.num_rows - refused, _max_timestamp(table), (GlobalWindow(),))
+    if refused:
+      self._rejected.inc(refused)
+      letters = pa.concat_tables([self._dead_letters(r) for r in refusals])
+      rows = pa.concat_tables([r.rows for r in refusals])
+      yield beam.pvalue.TaggedOutput(
+          DEAD_LETTERS, WindowedValue(DeadLetterBatch(letters), _max_timestamp(rows), (GlobalWindow(),)))
+
+  def _write_isolating(self, table: pa.Table) -> List[Refusal]:
+    """Writes a table; returns the rows the store refused, with why."""
     try:
-      refused = self._call(lambda: self.write_batch(rows))
+      return list(self._call(lambda: self.write_batch(table)))
     except Exception as error:  # pylint: disable=broad-except
       if not self.is_rejected(error):
         self._failed.inc()
         raise
-      if len(rows) == 1:
-        return [(self.dead_letter_for(rows[0], error), rows[0])]
-      half = len(rows) // 2
-      return self._write_isolating(rows[:half]) + self._write_isolating(rows[half:])
-    return list(refused)
+      if table.num_rows == 1:
+        return [Refusal(table, [error])]
+      half = table.num_rows // 2
+      return self._write_isolating(table.slice(0, half)) + self._write_isolating(table.slice(half))
+
+  def _dead_letters(self, refusal: Refusal) -> pa.Table:
+    """``contracts.DEAD_LETTER`` rows for refused rows; a decision's message names its transaction."""
+    rows, n = refusal.rows, refusal.rows.num_rows
+    texts = [one_line(e) for e in refusal.errors]
+    if "transaction_id" in rows.schema.names:
+      ids = rows.column("transaction_id").to_pylist()
+      texts = [f"transaction_id={i}: {text}" for i, text in zip(ids, texts)]
+    return pa.Table.from_arrays([
+        rows.column("source"),
+        pa.nulls(n, pa.binary()),
+        pa.array([f"{self.STAGE}.{self._name}"] * n, pa.string()),
+        pa.array([refusal.reason] * n, pa.string()),
+        pa.array([type(e).__name__ for e in refusal.errors], pa.string()),
+        pa.array([text[:500] for text in texts], pa.string()),
+        pa.array([contracts.PIPELINE_VERSION] * n, pa.string()),
+    ], schema=contracts.DEAD_LETTER)
 
 
-def _timestamp_of(row) -> Timestamp:
-  if isinstance(row, Decision):
-    return Timestamp(micros=row.transaction.event_time_ms * 1000)
-  return Timestamp(0)
-
-
-def _max_timestamp(rows: Sequence) -> Timestamp:
-  first = rows[0]
-  if isinstance(first, Decision):
-    return Timestamp(micros=max(r.transaction.event_time_ms for r in rows) * 1000)
+def _max_timestamp(table: pa.Table) -> Timestamp:
+  """The latest event time of the rows (decisions), else the epoch (dead letters have none)."""
+  if "event_time_ms" in table.schema.names:
+    latest = pc.max(table.column("event_time_ms")).as_py()
+    if latest is not None:
+      return Timestamp(micros=latest * 1000)
   return Timestamp(0)
 
 
 def write_with(rows: beam.PCollection, label: str, fn: BatchingWriteFn) -> SinkResult:
   """Applies a sink DoFn under ``label`` and splits its outputs into a ``SinkResult``."""
-  out = rows | label >> (beam.ParDo(fn).with_output_types(int, **{DEAD_LETTERS: DeadLetter})
+  out = rows | label >> (beam.ParDo(fn).with_output_types(int, **{DEAD_LETTERS: DeadLetterBatch})
                          .with_outputs(DEAD_LETTERS, main=WRITTEN))
   return SinkResult(out[WRITTEN], out[DEAD_LETTERS])
