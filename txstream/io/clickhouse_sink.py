@@ -70,7 +70,7 @@ _PLAIN_COLUMNS = ["transaction_id", "event_time_ms", "customer_id", "terminal_id
                   "decision", "reason_codes", "model_version", "reference_version", "pipeline_version",
                   "schema_id", "source", "decided_at_ms"]
 INSERT_COLUMNS = _PLAIN_COLUMNS + FEATURE_COLUMNS
-# Where each insert column is in contracts.DECISION (the features by position: home_distance is there twice).
+# Where each insert column is in contracts.DECISION.
 _POSITIONS = [column_position(c) for c in _PLAIN_COLUMNS] + list(FEATURE_POSITIONS)
 _NULLABLE = {"entry_mode", "merchant_category", "customer_segment", "reference_version", "reason_codes"}
 _REQUIRED = tuple(p for c, p in zip(INSERT_COLUMNS, _POSITIONS) if c not in _NULLABLE)

@@ -249,6 +249,8 @@ def stage_table(table: pa.Table) -> pa.Table:
       "event_day": pa.array(np.floor_divide(event_ms.to_numpy(), DAY_MS)),
       "reason_codes": _text_array(col("reason_codes")),
       "features": _float_array([table.column(i) for i in FEATURE_POSITIONS]),
+      # The HOME_DISTANCE feature is -1 where the terminal is not on file: NULL in this column.
+      "home_distance": pc.if_else(pc.equal(col("home_distance"), -1.0), None, col("home_distance")),
   }
   for name in _STAGE_COLUMNS:
     if name not in columns:

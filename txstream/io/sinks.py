@@ -34,10 +34,6 @@ Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
   ``sink.<name>.rejected``     counter, records the store rejected (dead letters)
   ``sink.<name>.write_ms``     distribution, wall time per batch including retries
   ``sink.<name>.batch_size``   distribution, rows per batch write
-
-``contracts.DECISION`` holds two columns named ``home_distance`` (the enriched
-transaction's, then the HOME_DISTANCE feature), so the sinks address its
-columns by position: ``column_position`` and ``FEATURE_POSITIONS``.
 """
 import functools
 import logging
@@ -63,14 +59,13 @@ WRITTEN = "written"
 REJECTED = "rejected_by_store"
 T = TypeVar("T")
 
-# Positions in contracts.DECISION: the feature block, and the first column of each name (for
-# home_distance, the enriched transaction's).
+# Positions in contracts.DECISION of the feature block.
 FEATURE_START = contracts.DECISION.names.index(contracts.FEATURE_COLUMNS[0])
 FEATURE_POSITIONS = tuple(range(FEATURE_START, FEATURE_START + len(contracts.FEATURE_COLUMNS)))
 
 
 def column_position(name: str, schema: pa.Schema = contracts.DECISION) -> int:
-  """The position of the first column called ``name``."""
+  """The position of the column called ``name``."""
   return schema.names.index(name)
 
 
