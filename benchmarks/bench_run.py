@@ -4,13 +4,16 @@
     .venv/bin/python benchmarks/bench_run.py --tiers all        # + Redis, PostgreSQL, ClickHouse
     .venv/bin/python benchmarks/bench_run.py --days 10 --tiers none
     .venv/bin/python benchmarks/bench_run.py --kafka 127.0.0.1:9092   # read from Kafka instead of files
+    .venv/bin/python benchmarks/bench_run.py --customers 50000 --terminals 100000 --days 52   # ~5M events
 
-Generates the input once (``data/bench-<days>d``, 5,000 customers and 10,000
-terminals: about 9,700 events a day, so 103 days is about 1M events), then
-runs the real command line in a subprocess and prints its summary figures,
-peak memory and the exact command. ``--tiers all`` writes into scratch
-stores (Redis db 12, PostgreSQL and ClickHouse database ``txstream_bench``)
-that it empties first; the servers come from ``txstream services up``.
+Generates the input once (``data/bench-<days>d`` for the default 5,000
+customers and 10,000 terminals: about 9,700 events a day, so 103 days is
+about 1M events; ``data/bench-<customers>c-<terminals>t-<days>d`` for other
+sizes), then runs the real command line in a subprocess and prints its
+summary figures, the peak memory of that process alone (``os.wait4``) and
+the exact command. ``--tiers all`` writes into scratch stores (Redis db 12,
+PostgreSQL and ClickHouse database ``txstream_bench``) that it empties first;
+the servers come from ``txstream services up``.
 ``--kafka`` first produces the input (transactions and labels, 3 partitions)
 to fresh topics, then runs the graph bounded from them (``--kafka_start
 earliest``, to the end offsets at the start).
@@ -18,23 +21,61 @@ earliest``, to the end offsets at the start).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TXSTREAM = [sys.executable, "-m", "txstream.cli"]
 REDIS_URL = "redis://127.0.0.1:6379/12"
 POSTGRES_DB = "txstream_bench"
 CLICKHOUSE_URL = "clickhouse://127.0.0.1:9000/txstream_bench"
+DEFAULT_CUSTOMERS, DEFAULT_TERMINALS = 5000, 10000
 
 
-def _generate(days: int) -> str:
-  out = os.path.join(ROOT, "data", f"bench-{days}d")
+class Measured(NamedTuple):
+  seconds: float      # wall time, start to exit
+  peak_rss_mib: int   # the child's peak RSS (with any process it waited for), not that of other children
+  cpu_seconds: float  # user + system
+
+
+def run_measured(command: list, **popen_args) -> Measured:
+  """Runs ``command`` to completion; raises ``CalledProcessError`` if it fails.
+
+  ``os.wait4`` gives the resource use of this child alone, where
+  ``getrusage(RUSAGE_CHILDREN)`` is the largest of every child so far
+  (``txstream generate`` included).
+  """
+  start = time.monotonic()
+  child = subprocess.Popen(command, **popen_args)
+  try:
+    _, status, usage = os.wait4(child.pid, 0)
+  except BaseException:  # interrupted: leave no child behind
+    child.kill()
+    child.wait()
+    raise
+  wall = time.monotonic() - start
+  child.returncode = os.waitstatus_to_exitcode(status)
+  if child.returncode:
+    raise subprocess.CalledProcessError(child.returncode, command)
+  return Measured(round(wall, 1), round(usage.ru_maxrss / 1024), round(usage.ru_utime + usage.ru_stime, 1))
+
+
+def data_dir(days: int, customers: int = DEFAULT_CUSTOMERS, terminals: int = DEFAULT_TERMINALS) -> str:
+  """Where the generated input of these sizes lives (the default sizes keep their old name)."""
+  if (customers, terminals) == (DEFAULT_CUSTOMERS, DEFAULT_TERMINALS):
+    return os.path.join(ROOT, "data", f"bench-{days}d")
+  return os.path.join(ROOT, "data", f"bench-{customers}c-{terminals}t-{days}d")
+
+
+def generate(days: int, customers: int = DEFAULT_CUSTOMERS, terminals: int = DEFAULT_TERMINALS) -> str:
+  """Generates the input once (``txstream generate``); returns its directory."""
+  out = data_dir(days, customers, terminals)
   if not os.path.exists(os.path.join(out, "manifest.json")):
-    print(f"generating {days} days into {out} ...", flush=True)
-    subprocess.run(TXSTREAM + ["generate", "--days", str(days), "--out", out], check=True, cwd=ROOT,
+    print(f"generating {days} days of {customers} customers and {terminals} terminals into {out} ...", flush=True)
+    subprocess.run(TXSTREAM + ["generate", "--days", str(days), "--customers", str(customers),
+                               "--terminals", str(terminals), "--out", out], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
   return out
 
@@ -73,6 +114,8 @@ def _produce(input_dir: str, bootstrap: str) -> list:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--days", type=int, default=103, help="Days of generated traffic (103 = ~1M events).")
+  parser.add_argument("--customers", type=int, default=DEFAULT_CUSTOMERS, help="Customers in the generated data.")
+  parser.add_argument("--terminals", type=int, default=DEFAULT_TERMINALS, help="Terminals in the generated data.")
   parser.add_argument("--tiers", choices=("none", "cold", "all"), default="cold",
                       help="none: no tier at all; cold: Parquet only (the default run); all: + the three servers.")
   parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"), help="Output folder.")
@@ -80,7 +123,7 @@ def main(argv=None) -> int:
                       help="Produce the input to fresh Kafka topics and read it from there.")
   parser.add_argument("beam_args", nargs="*", help="Extra flags passed to `txstream run` (after --).")
   args = parser.parse_args(argv)
-  input_dir = _generate(args.days)
+  input_dir = generate(args.days, args.customers, args.terminals)
   summary_path = os.path.join(args.out, "summary.json")
   os.makedirs(args.out, exist_ok=True)
   flags = [f"--summary_json={summary_path}", f"--dead_letter_path={args.out}/dead"]
@@ -94,17 +137,15 @@ def main(argv=None) -> int:
   if args.tiers == "all":
     flags += _scratch_stores()
   command = TXSTREAM + ["run"] + flags + list(args.beam_args)
-  start = time.monotonic()
-  subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-  wall = time.monotonic() - start
-  peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  measured = run_measured(command, cwd=ROOT, stdout=subprocess.DEVNULL)
   with open(summary_path, encoding="utf-8") as f:
     summary = json.load(f)
   print(json.dumps({
       "tiers": args.tiers, "events_in": summary["events_in"], "scored": summary["scored"],
       "tier_rows": summary["tiers"], "pipeline_seconds": summary["wall_seconds"],
-      "events_per_second": summary["events_per_second"], "process_seconds": round(wall, 1),
-      "peak_rss_mib": round(peak_mib), "cpus": os.cpu_count(), "kafka_produce": produced}, indent=2))
+      "events_per_second": summary["events_per_second"], "process_seconds": measured.seconds,
+      "process_cpu_seconds": measured.cpu_seconds, "peak_rss_mib": measured.peak_rss_mib, "cpus": os.cpu_count(),
+      "kafka_produce": produced}, indent=2))
   print("command: benchmarks/bench_run.py " + " ".join(argv if argv is not None else sys.argv[1:]))
   return 0
 

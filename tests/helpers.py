@@ -1,8 +1,15 @@
-"""Builders for test inputs: wire-format messages and reference data."""
+"""Builders for test inputs (wire-format messages, batches, reference data) and readers of batch outputs."""
 import hashlib
+from typing import Optional, Sequence, Tuple
 
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from txstream.core import contracts
+from txstream.core.batch import RawBatch
+from txstream.core.enrich import Reference
 from txstream.io import schema_registry, wire
-from txstream.records import RawRecord
 
 REGISTRY = schema_registry.FileSchemaRegistry()
 T0 = 1_522_540_800_000  # 2018-04-01T00:00:00Z
@@ -28,8 +35,37 @@ def message(record: dict, schema_id: int = 2) -> bytes:
   return wire.encode(schema_id, REGISTRY.parsed(schema_id), record)
 
 
-def raw(i: int, value: bytes) -> RawRecord:
-  return RawRecord(f"test.wire#{i}", value)
+def raw(i: int, value: Optional[bytes]) -> Tuple[str, Optional[bytes]]:
+  return f"test.wire#{i}", value
+
+
+def raw_batch(records: Sequence[Tuple[str, Optional[bytes]]], history: Sequence[bool] = ()) -> RawBatch:
+  """A RawBatch of (source, message) pairs; ``history`` flags per record (default: none)."""
+  n = len(records)
+  flags = list(history) if history else [False] * n
+  return RawBatch(pa.Table.from_arrays([
+      pa.array([s for s, _ in records], pa.string()), pa.array([v for _, v in records], pa.binary()),
+      pa.nulls(n, pa.int64()), pa.array(flags, pa.bool_())], schema=contracts.RAW))
+
+
+def rows(batch, *columns) -> list:
+  """A batch's rows as tuples of the named columns."""
+  table = batch.table.select(list(columns))
+  return list(zip(*(table.column(c).to_pylist() for c in columns)))
+
+
+def flat(pcoll, label: str, *columns) -> beam.PCollection:
+  """A PCollection of batches as a PCollection of row tuples (for assert_that)."""
+  return pcoll | label >> beam.FlatMap(rows, *columns)
+
+
+def reference(customers: Sequence, terminals: Sequence, version: str = "ref") -> Reference:
+  """A Reference from (id, (x, y, segment)) and (id, (x, y, mcc)) pairs, like ``CUSTOMERS``/``TERMINALS``."""
+  customers, terminals = sorted(customers), sorted(terminals)
+  return Reference(np.array([c for c, _ in customers], np.int64), np.array([v[0] for _, v in customers]),
+                   np.array([v[1] for _, v in customers]), pa.array([v[2] for _, v in customers], pa.string()),
+                   np.array([t for t, _ in terminals], np.int64), np.array([v[0] for _, v in terminals]),
+                   np.array([v[1] for _, v in terminals]), version)
 
 
 def label_message(tx_id: str, label_time: int, tx_time: int, customer: int, terminal: int) -> bytes:

@@ -86,8 +86,8 @@ def test_pipeline_decodes_through_http_registry(registry_url):
   inputs = [h.raw(0, h.message(h.tx_record(1, h.T0))), h.raw(1, h.message(h.tx_record(2, h.T0), schema_id=1)),
             h.raw(2, h.message(h.tx_record(3, h.T0))[:1] + (999).to_bytes(4, "big") + b"\x00")]
   with TestPipeline() as p:
-    out = p | beam.Create(inputs) | DecodeAndValidate(registry_url)
-    assert_that(out.valid | beam.Map(lambda t: (t.transaction_id, t.schema_id)),
+    out = p | beam.Create([h.raw_batch(inputs)]) | DecodeAndValidate(registry_url)
+    assert_that(h.flat(out.valid, "Ids", "transaction_id", "schema_id"),
                 equal_to([("tx-00001", 2), ("tx-00002", 1)]), label="valid")
-    assert_that(out.dead_letters | "Reasons" >> beam.Map(lambda d: (d.source, d.reason)),
+    assert_that(h.flat(out.dead_letters, "Reasons", "source", "reason"),
                 equal_to([("test.wire#2", "unknown_schema_id")]), label="dead")

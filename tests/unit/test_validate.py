@@ -26,11 +26,11 @@ def test_good_and_bad_messages():
       h.raw(11, good_v2 + b"\x00" * (64 << 10)),
   ]
   with TestPipeline() as p:
-    out = p | beam.Create(inputs) | DecodeAndValidate()
-    assert_that(out.valid | "Ids" >> beam.Map(lambda t: (t.transaction_id, t.schema_id, t.entry_mode, t.source)),
+    out = p | beam.Create([h.raw_batch(inputs[:6]), h.raw_batch(inputs[6:])]) | DecodeAndValidate()
+    assert_that(h.flat(out.valid, "Ids", "transaction_id", "schema_id", "entry_mode", "source"),
                 equal_to([("tx-00001", 2, "chip", "test.wire#0"), ("tx-00002", 1, None, "test.wire#1")]),
                 label="valid")
-    assert_that(out.dead_letters | "Reasons" >> beam.Map(lambda d: (d.source, d.stage, d.reason)),
+    assert_that(h.flat(out.dead_letters, "Reasons", "source", "stage", "reason"),
                 equal_to([("test.wire#2", "decode", "bad_magic_byte"),
                           ("test.wire#3", "decode", "unknown_schema_id"),
                           ("test.wire#4", "decode", "avro_decode_error"),
@@ -42,5 +42,5 @@ def test_good_and_bad_messages():
                           ("test.wire#10", "decode", "trailing_bytes"),
                           ("test.wire#11", "decode", "oversized_message")]),
                 label="dead")
-    assert_that(out.dead_letters | "RawKept" >> beam.Map(lambda d: d.raw is not None or d.reason == "null_value"),
-                equal_to([True] * 10), label="raw_kept")
+    assert_that(h.flat(out.dead_letters, "Raw", "raw", "reason") | "RawKept" >> beam.Map(
+        lambda r: r[0] is not None or r[1] == "null_value"), equal_to([True] * 10), label="raw_kept")

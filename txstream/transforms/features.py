@@ -36,7 +36,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from txstream.core import contracts, dead_letters
 from txstream.core import features as engine
-from txstream.core.batch import (Batch, BatchCoder, DeadLetterBatch, FeaturedBatch, LabelBatch, TransactionBatch,
+from txstream.core.batch import (Batch, DeadLetterBatch, StateBatchCoder, FeaturedBatch, LabelBatch, TransactionBatch,
                                  shard_of, split_by)
 from txstream.transforms import counting
 
@@ -183,7 +183,7 @@ class _OrderedStateFn(beam.DoFn):
   Subclasses implement ``new_engine()`` and ``ready(engine, table)`` (a
   generator of outputs), and pass ``_buffer`` what late rows become.
   """
-  PENDING = BagStateSpec("pending", BatchCoder())
+  PENDING = BagStateSpec("pending", StateBatchCoder())
   ENGINE = ReadModifyWriteStateSpec("engine", PickleCoder())
   DONE_UP_TO = ReadModifyWriteStateSpec("done_up_to", VarIntCoder())
   NEXT_FIRE = ReadModifyWriteStateSpec("next_fire", VarIntCoder())
@@ -358,43 +358,59 @@ class _TerminalStreamFn(_OrderedStateFn):
 class _JoinFn(beam.DoFn):
   """(customer shard, ("c" | "t", FeaturedBatch)) -> complete FeaturedBatches once both parts of a row are in.
 
-  Independent of arrival order and of the watermark. A terminal part whose
-  customer part never comes (the customer stage dropped the row as a
-  repeat seen by another terminal shard) is let go once it is a whole
-  window behind the newest row held.
+  Parts are kept as they come and matched on the watermark (a timer at the
+  part's earliest time, which the watermark has already passed), so matching
+  costs once per watermark advance, not once per part. Independent of arrival
+  order. A terminal part whose customer part never comes (the customer stage
+  dropped the row as a repeat seen by another terminal shard) is let go once
+  it is a whole window behind the newest row held.
   """
   PARTS = BagStateSpec("parts", PickleCoder())
+  MATCH = TimerSpec("match", TimeDomain.WATERMARK)
 
-  def process(self, keyed, parts=beam.DoFn.StateParam(PARTS)):
-    held = list(parts.read()) + [keyed[1]]
-    customer = FeaturedBatch.concat([b for kind, b in held if kind == "c"]).table
-    terminal = FeaturedBatch.concat([b for kind, b in held if kind == "t"]).table
+  def process(self, keyed, timestamp=beam.DoFn.TimestampParam, parts=beam.DoFn.StateParam(PARTS),
+              match=beam.DoFn.TimerParam(MATCH)):
+    kind, batch = keyed[1]
+    parts.add((kind, batch.table))
+    match.set(timestamp)
+
+  @on_timer(MATCH)
+  def on_match(self, parts=beam.DoFn.StateParam(PARTS)):
+    held = list(parts.read())
     parts.clear()
+    customer = _concat([t for kind, t in held if kind == "c"])
+    terminal = _concat([t for kind, t in held if kind == "t"])
     if not customer.num_rows or not terminal.num_rows:
-      for kind, batch in held:
-        parts.add((kind, batch))
+      for kind, table in (("c", customer), ("t", terminal)):
+        if table.num_rows:
+          parts.add((kind, table))
       return
     keys = ["transaction_id", "source"]
     t_index = {k: i for i, k in enumerate(zip(*(terminal.column(c).to_pylist() for c in keys)))}
-    c_keys = list(zip(*(customer.column(c).to_pylist() for c in keys)))
-    match = np.array([t_index.get(k, -1) for k in c_keys], dtype=np.int64)
+    match = np.array([t_index.get(k, -1) for k in zip(*(customer.column(c).to_pylist() for c in keys))],
+                     dtype=np.int64)
     matched = match >= 0
     if matched.any():
-      rows = customer.filter(pa.array(matched))
       found = terminal.take(pa.array(match[matched]))
-      complete = engine.with_features(rows, contracts.TERMINAL_FEATURES,
+      complete = engine.with_features(customer.filter(pa.array(matched)), contracts.TERMINAL_FEATURES,
                                       [found.column(n.lower()).to_numpy() for n in contracts.TERMINAL_FEATURES])
       yield _timestamped(FeaturedBatch(complete), complete)
     if not matched.all():
-      parts.add(("c", FeaturedBatch(customer.filter(pa.array(~matched)))))
+      parts.add(("c", customer.filter(pa.array(~matched))))
     used = np.zeros(terminal.num_rows, bool)
     used[match[matched]] = True
     rest = terminal.filter(pa.array(~used))
+    newest = int(customer.column("event_time_ms").to_numpy().max())
+    rest = rest.filter(pa.array(rest.column("event_time_ms").to_numpy() > newest - engine.LONGEST_MS))
     if rest.num_rows:
-      newest = int(customer.column("event_time_ms").to_numpy().max())
-      rest = rest.filter(pa.array(rest.column("event_time_ms").to_numpy() > newest - engine.LONGEST_MS))
-      if rest.num_rows:
-        parts.add(("t", FeaturedBatch(rest)))
+      parts.add(("t", rest))
+
+
+def _concat(tables) -> pa.Table:
+  tables = [t for t in tables if t.num_rows]
+  if not tables:
+    return contracts.empty(contracts.FEATURED)
+  return pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0]
 
 
 class ComputeFeatures(beam.PTransform[beam.PCollection[TransactionBatch], FeaturesResult]):
