@@ -47,9 +47,7 @@ from txstream.core.rules import load_rules  # noqa: E402
 from txstream.io import parquet, schema_registry, wire  # noqa: E402
 from txstream.models.artifacts import load_model  # noqa: E402
 from txstream.transforms.enrich import load_reference  # noqa: E402
-from txstream.transforms.features import customer_outcomes  # noqa: E402
-from txstream.transforms.read import BATCH_RECORDS, raw_table  # noqa: E402
-from txstream.transforms.tiers import dead_letter_json  # noqa: E402
+from txstream.transforms.read import BATCH_RECORDS  # noqa: E402
 
 _LOGGER = logging.getLogger(__name__)
 OUTPUT_ROWS = 50_000  # rows scored per predict call: the graph's terminal stage hands on batches of this size
@@ -78,7 +76,7 @@ def _raw_batches(pattern: str, stream: str, tally: _Tally, prefix: str) -> Itera
       with open(path, "rb") as f:
         for frames in wire.read_frame_batches(f, BATCH_RECORDS):
           tally.counts[f"{stream}_in"] += len(frames.values)
-          yield raw_table(name, frames.first_index, frames.values)
+          yield frames.raw(name)
     except wire.WireFormatError as e:
       tally.counts[f"{stream}_in"] += 1
       tally.dead_letters(dead_letters.of_errors([f"{name}#{e.index}"], [None], contracts.READ, [e]), prefix)
@@ -99,6 +97,7 @@ def read_transactions(input_dir: str, reference: enrich.Reference, tally: _Tally
 
 
 def read_labels(input_dir: str, tally: _Tally) -> pa.Table:
+  """Every decoded label of ``input_dir`` (contracts.LABEL), in file order."""
   decoder = decode.Decoder(schema_registry.make_registry(None), schema_registry.LABEL_SUBJECT)
   parts = []
   for raw in _raw_batches(os.path.join(input_dir, "labels", "*.wire"), "labels", tally, "label_dead_letter"):
@@ -122,7 +121,7 @@ def featured_by_terminal_shard(tx: pa.Table, labels: pa.Table, shards: int, dela
   del tx  # the caller let go of it: the shards are all that is left of the input
   for shard in sorted(by_customer):
     rows = by_customer.pop(shard)
-    featured, duplicates, dead = customer_outcomes(rows, engine.CustomerEngine(keep_state=False).update(rows))
+    featured, duplicates, dead = engine.outcomes(rows, engine.CustomerEngine(keep_state=False).update(rows))
     tally.counts["filtered.duplicate"] += duplicates.num_rows
     tally.dead_letters(dead)
     for terminal_shard, part in _by_shard(featured, "terminal_id", shards).items():
@@ -155,7 +154,7 @@ def write_dead_letters(root: str, tables: List[pa.Table]) -> int:
   by_stage: Dict[str, List[str]] = collections.defaultdict(list)
   for table in tables:
     for row in table.to_pylist():
-      by_stage[row["stage"]].append(dead_letter_json(row))
+      by_stage[row["stage"]].append(dead_letters.to_json(row))
   os.makedirs(root, exist_ok=True)
   for stage, lines in by_stage.items():
     with open(os.path.join(root, f"{stage}.jsonl"), "w", encoding="utf-8") as f:

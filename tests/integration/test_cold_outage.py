@@ -1,9 +1,10 @@
 """The cold tier and the dead-letter files on s3:// survive an S3 outage in the middle of the write.
 
 Beam's S3 filesystem talks to the local S3 (moto) through a ``TcpProxy`` that
-is cut for 3 s: once after the first partition files have landed, once
+is cut for 3 s: once after the first day files have been published, once
 before the first dead-letter write. The objects are then read straight from
-S3 (not through the proxy): every row is there exactly once.
+S3 (not through the proxy): every row is there exactly once, and no staged
+or temporary object is left.
 """
 import json
 import uuid
@@ -20,11 +21,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from tests.integration import sink_fixtures as fx
 from tests.integration.conftest import S3_CREDENTIALS, s3_pipeline_options
 from tests.tcp_proxy import TcpProxy
-from txstream.records import DeadLetter
 from txstream.transforms.tiers import WriteColdTier, WriteDeadLetters
 
-PARTITIONS = 16
-ROWS = 480  # 30 rows in each of 16 hourly partitions (one per event day)
+DAYS = 16
+ROWS = 480  # 30 rows on each of 16 event days
 
 
 @pytest.fixture
@@ -57,9 +57,9 @@ def _objects(client, bucket, prefix):
 
 def test_cold_tier_outage_mid_write_loses_and_duplicates_nothing(s3):
   client, bucket, proxy = s3
-  decisions = fx.make_decisions(ROWS, customers=20, days=PARTITIONS)
-  # Each partition file costs ~17 kB of requests: the cut lands after about a third of them.
-  proxy.interrupt_after_bytes(90_000, outage_s=3.0)
+  decisions = fx.make_decisions(ROWS, customers=20, days=DAYS)
+  # Each day file costs ~20 kB of requests: the cut lands after about a third of them.
+  proxy.interrupt_after_bytes(100_000, outage_s=3.0)
   counts = _run(proxy, lambda p: (p | beam.Create(decisions, reshuffle=False)
                                   | WriteColdTier(f"s3://{bucket}/cold", retry=fx.FAST_RETRY)))
   assert proxy.interruptions == 1
@@ -68,19 +68,20 @@ def test_cold_tier_outage_mid_write_loses_and_duplicates_nothing(s3):
   assert counts["tier.cold"] == ROWS
 
   keys = _objects(client, bucket, "cold/")
-  assert len(keys) == PARTITIONS and all(k.endswith("/part-00000.parquet") for k in keys)
+  assert len(keys) == DAYS and all(k.rsplit("/", 1)[1].startswith("part-00000-") for k in keys), keys
   ids = []
   for key in keys:
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     ids.extend(pq.read_table(pa.BufferReader(body), columns=["transaction_id"]).column(0).to_pylist())
   assert len(ids) == len(set(ids)) == ROWS
-  assert set(ids) == {d.transaction.transaction_id for d in decisions}
+  assert set(ids) == set(fx.table_of(decisions).column("transaction_id").to_pylist())
 
 
 def test_dead_letters_wait_for_s3_to_come_back(s3):
   client, bucket, proxy = s3
-  letters = [DeadLetter(source=f"f#{i}", raw=b"x", stage=("decode", "enrich")[i % 2], reason="bad",
-                        error_class="ValueError", message=str(i), pipeline_version="0.1.0") for i in range(50)]
+  letters = [fx.dead_letter_batch([{"source": f"f#{i}", "raw": b"x", "stage": ("decode", "enrich")[i % 2],
+                                    "reason": "bad", "error_class": "ValueError", "message": str(i),
+                                    "pipeline_version": "0.1.0"} for i in range(k, k + 10)]) for k in range(0, 50, 10)]
   proxy.interrupt(3.0)  # S3 is unreachable when the first file is written
   counts = _run(proxy, lambda p: (p | beam.Create(letters, reshuffle=False)
                                   | WriteDeadLetters(f"s3://{bucket}/dead", retry=fx.FAST_RETRY)))
@@ -91,4 +92,4 @@ def test_dead_letters_wait_for_s3_to_come_back(s3):
   for stage in ("decode", "enrich"):
     body = client.get_object(Bucket=bucket, Key=f"dead/{stage}.jsonl")["Body"].read().decode()
     sources.extend(json.loads(line)["source"] for line in body.splitlines())
-  assert sorted(sources) == sorted(x.source for x in letters)
+  assert sorted(sources) == sorted(f"f#{i}" for i in range(50))

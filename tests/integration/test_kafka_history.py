@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from txstream.io import kafka
 from txstream.pipelines import generate, run
-from txstream.transforms.features import FEATURE_NAMES
+from txstream.core.contracts import FEATURE_NAMES
 
 COLUMNS = ["transaction_id", "score"] + [n.lower() for n in FEATURE_NAMES]
 

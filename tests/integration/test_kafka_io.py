@@ -24,8 +24,8 @@ from confluent_kafka import Consumer, TopicPartition
 from txstream.io import kafka
 from txstream.io.kafka import (KafkaConfig, KafkaConfigError, ReadFromKafkaNative, ReadFromKafkaXlang,
                                ReadTransactionsFromKafka, WriteToKafka)
+from tests import helpers as h
 from txstream.io.kafka_read import _OffsetTracker, _ReadLivePartitionFn, _to_raw
-from txstream.records import RawRecord
 
 BASE_MS = 1_700_000_000_000
 SECRET = "hunter2-do-not-log"
@@ -59,8 +59,20 @@ class _Collect(beam.DoFn):
   def __init__(self, token: str):
     self._token = token
 
-  def process(self, record, timestamp=beam.DoFn.TimestampParam):
-    _COLLECTED[self._token].append((record.source, record.value, timestamp.micros // 1000))
+  def process(self, batch, timestamp=beam.DoFn.TimestampParam):
+    rows = _rows(batch)
+    # A batch is timestamped with its earliest record.
+    assert timestamp.micros // 1000 == min(t for _, _, t in rows)
+    _COLLECTED[self._token].extend(rows)
+
+
+def _rows(batch) -> list:
+  """(source, value, timestamp_ms) of each record of a RawBatch."""
+  return h.rows(batch, "source", "value", "timestamp_ms")
+
+
+def _at(ms: int) -> Timestamp:
+  return Timestamp(micros=ms * 1000)
 
 
 def read_all(read) -> list:
@@ -109,8 +121,9 @@ def test_bounded_read_through_assert_that(new_topic):
   produce(config, [b"a", None, b"\x00\x00\x00\x00\x01x"], partition=0)
   p = pipeline()
   records = p | ReadFromKafkaNative(config, start="earliest", stop_at="end")
-  assert_that(records, equal_to([RawRecord(f"{config.topic}/0@0", b"a"), RawRecord(f"{config.topic}/0@1", None),
-                                 RawRecord(f"{config.topic}/0@2", b"\x00\x00\x00\x00\x01x")]))
+  assert_that(h.flat(records, "Rows", "source", "value"),
+              equal_to([(f"{config.topic}/0@0", b"a"), (f"{config.topic}/0@1", None),
+                        (f"{config.topic}/0@2", b"\x00\x00\x00\x00\x01x")]))
   p.run().wait_until_finish()
 
 
@@ -260,11 +273,11 @@ class _LiveRead:
     for output in self.fn.process(element, RestrictionTrackerView(tracker), self.watermark):
       # The watermark never passes a record still to be emitted (timestamps rise with the offsets here).
       current = self.watermark.current_watermark()
-      assert current is None or current <= output.timestamp, (current, output)
+      assert current is None or current <= output.timestamp, (current, output.timestamp)
       outputs.append(output)
     tracker.check_done()
     deferred = tracker.deferred_status()
-    return outputs, (deferred[0] if deferred else None)
+    return [row for output in outputs for row in _rows(output.value)], (deferred[0] if deferred else None)
 
   def close(self):
     self.fn.teardown()
@@ -287,9 +300,9 @@ def test_live_read_defers_when_caught_up_and_moves_the_watermark_only_at_the_end
       if len(seen) == 250:
         break
       # Behind the end: at most the newest record's timestamp, never "now".
-      assert behind.watermark.current_watermark() in (None, seen[-1].timestamp if seen else None)
-    assert [o.value.source for o in seen] == [f"{config.topic}/0@{i}" for i in range(250)]
-    assert behind.watermark.current_watermark() == seen[-1].timestamp
+      assert behind.watermark.current_watermark() in (None, _at(seen[-1][2]) if seen else None)
+    assert [source for source, _, _ in seen] == [f"{config.topic}/0@{i}" for i in range(250)]
+    assert behind.watermark.current_watermark() == _at(seen[-1][2])
   finally:
     behind.close()
 
@@ -305,7 +318,8 @@ def test_live_read_defers_when_caught_up_and_moves_the_watermark_only_at_the_end
     fresh_ms = int(time.time() * 1000) + 60_000
     produce(config, [b"n%d" % i for i in range(20)], partition=0, timestamps=[fresh_ms + i for i in range(20)])
     outputs, residual = live.call(residual)
-    assert [o.value for o in outputs] == [RawRecord(f"{config.topic}/0@{250 + i}", b"n%d" % i) for i in range(20)]
+    assert [(source, value) for source, value, _ in outputs] == [(f"{config.topic}/0@{250 + i}", b"n%d" % i)
+                                                                 for i in range(20)]
     assert residual == OffsetRange(270, kafka.UNBOUNDED)
   finally:
     live.close()
@@ -352,12 +366,12 @@ def test_xlang_refuses_bounded_reads(new_topic):
     ReadTransactionsFromKafka(new_topic(1), kafka_io="xlang", stop_at="end")
 
 
-def test_xlang_rows_become_raw_records():
+def test_xlang_rows_become_a_raw_batch():
   # The Row KafkaIO's RowsWithMetadata emits (Java field names).
   row = beam.Row(topic="tx", partition=2, offset=41, timestamp=BASE_MS, key=b"k", value=b"\x00v", headers=[],
                  timestampTypeId=0, timestampTypeName="CreateTime")
-  assert _to_raw(row) == RawRecord("tx/2@41", b"\x00v")
-  assert _to_raw(beam.Row(topic="tx", partition=2, offset=42, value=None)) == RawRecord("tx/2@42", None)
+  assert _rows(_to_raw([row, beam.Row(topic="tx", partition=2, offset=42, timestamp=BASE_MS + 1, value=None)])) == [
+      ("tx/2@41", b"\x00v", BASE_MS), ("tx/2@42", None, BASE_MS + 1)]
 
 
 # ----------------------------------------------------------------------------------------------- secrets

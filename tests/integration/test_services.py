@@ -7,6 +7,8 @@ import socket
 import threading
 import uuid
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
@@ -14,10 +16,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from tests import helpers as h
 from tests.integration.conftest import S3_CREDENTIALS
+from tests.unit.test_score import featured_batch
 from txstream import services as local_services
+from txstream.core import decide, rules
+from txstream.core.contracts import FEATURE_NAMES
 from txstream.io import parquet
-from txstream.records import Decision, Transaction
-from txstream.transforms.features import FEATURE_NAMES
 
 
 def test_status_reports_redis_and_postgres_up(services):
@@ -83,35 +86,29 @@ def test_s3_write_and_read_through_beam_filesystems(s3_bucket):
   assert [(m.path, m.size_in_bytes) for m in match.metadata_list] == [(path, len(payload))]
 
 
-def _decision(tx_id: str, t: int, score: float) -> Decision:
-  tx = Transaction(tx_id, t, 3, 11, h.token(3), 12_345, "EUR", "chip", 5411, 2, f"test#{tx_id}", "retail", 4.0,
-                   "ref-1")
-  features = [float(i) + score for i in range(len(FEATURE_NAMES))]
-  return Decision(tx, features, score, "model-1", ["R1"], "review", "0.1.0", t + 5)
-
-
-def test_cold_tier_parquet_partition_on_s3(s3_bucket):
+def test_cold_tier_day_file_on_s3(s3_bucket):
   t = h.T0 + 13 * h.HOUR_MS
-  decisions = [_decision("tx-b", t + 1, 0.9), _decision("tx-a", t, 0.1)]
+  featured = featured_batch([[0.9] * len(FEATURE_NAMES), [0.1] * len(FEATURE_NAMES)]).table
+  featured = featured.set_column(1, "event_time_ms", pa.array([t + 1, t], pa.int64()))
+  decisions = decide.decide(featured, np.array([0.9, 0.1]), "model-1", rules.load_rules(), decided_at_ms=t + 5)
   root = f"s3://{s3_bucket.bucket}/cold"
-  partition = parquet.partition_of(t)
-
-  assert parquet.write_partition(root, partition, decisions, FEATURE_NAMES) == 2
+  files = parquet.DayFiles(root)
+  files.write(int(t // h.DAY_MS), decisions)
+  assert files.publish("00000-s00-00", lambda copy, path: copy()) == 2
 
   # Read back with pyarrow's own S3 client, not Beam's, so the object is checked independently of the writer.
   s3 = pyarrow.fs.S3FileSystem(access_key=S3_CREDENTIALS["access_key_id"],
                                secret_key=S3_CREDENTIALS["secret_access_key"], region=S3_CREDENTIALS["region_name"],
                                endpoint_override=s3_bucket.endpoint_url)
-  key = f"{s3_bucket.bucket}/cold/decisions/{partition}/part-00000.parquet"
-  assert partition == "event_date=2018-04-01/event_hour=13"
+  key = f"{s3_bucket.bucket}/cold/decisions/event_date=2018-04-01/part-00000-s00-00.parquet"
   with s3.open_input_file(key) as f:
     table = pq.read_table(io.BytesIO(f.read()))
-  assert table.schema == parquet.decision_schema(FEATURE_NAMES)
-  assert table.column("transaction_id").to_pylist() == ["tx-a", "tx-b"]
-  assert table.column("score").to_pylist() == [0.1, 0.9]
-  assert table.column("tx_amount").to_pylist() == [0.1, 0.9]
-  assert table.column("reason_codes").to_pylist() == [["R1"], ["R1"]]
-  assert [v.timestamp() * 1000 for v in table.column("event_time").to_pylist()] == [t, t + 1]
+  assert table.schema == parquet.COLD_SCHEMA
+  assert table.column("transaction_id").to_pylist() == ["tx-0", "tx-1"]
+  assert table.column("score").to_pylist() == [0.9, 0.1]
+  assert table.column("tx_amount").to_pylist() == [0.9, 0.1]
+  assert [v.timestamp() * 1000 for v in table.column("event_time").to_pylist()] == [t + 1, t]
+  assert [v.timestamp() * 1000 for v in table.column("decided_at").to_pylist()] == [t + 5, t + 5]
 
 
 def test_clickhouse_answers_select_version(services):

@@ -128,4 +128,5 @@ def test_streaming_graph_for_other_runners_builds_with_kafka_sources_and_sinks(t
     mp.setattr(kafka_read, "resolve_ranges", lambda *a, **k: {0: (0, kafka_read.UNBOUNDED)})
     stream.build_streaming_graph(pipeline, options, stream.live_tiers(options))
   labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
-  assert {"ReadTransactionsFromKafka", "ReadLabelsFromKafka", "DecisionsToKafka", "DeadLettersToKafka"} <= labels
+  assert {"ReadTransactions", "ReadLabels", "DecodeAndValidate", "Enrich", "ComputeFeatures", "Score",
+          "DecisionsToKafka", "DeadLettersToKafka"} <= labels

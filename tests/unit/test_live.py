@@ -8,17 +8,12 @@ import pytest
 import xgboost
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.utils.timestamp import Timestamp
 
 from tests import helpers as h
+from txstream.core.contracts import FEATURE_NAMES
 from txstream.models import artifacts
 from txstream.pipelines import generate
-from txstream.records import RawRecord
-from txstream.transforms.features import FEATURE_NAMES
 from txstream.transforms.live import DecideLive, parse_source
-
-NB_1DAY = FEATURE_NAMES.index("CUSTOMER_ID_NB_TX_1DAY_WINDOW")
-KNOWN_FRAUDS_30 = FEATURE_NAMES.index("TERMINAL_ID_KNOWN_FRAUDS_30DAY")
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +23,9 @@ def reference(tmp_path_factory):
   return f"{out}/reference"
 
 
-def _raw(offset, value, topic="tx"):
-  return RawRecord(f"{topic}/0@{offset}", value)
+def _raw(offset, value, topic="tx", partition=0):
+  """One record as the reader batches it (a batch holds consecutive offsets of one partition)."""
+  return h.raw_batch([(f"{topic}/{partition}@{offset}", value)])
 
 
 def test_parse_source():
@@ -45,18 +41,17 @@ def test_history_builds_state_without_decisions_then_decisions_use_it(reference)
   with TestPipeline() as p:
     out = (p | beam.Create(records)
            | DecideLive(None, "tx", "lb", {("tx", 0): 3, ("lb", 0): 0}, reference, batch_size=1))
-    assert_that(out.decisions | "Features" >> beam.Map(
-        lambda d: (d.transaction.transaction_id, d.features[NB_1DAY], d.features[KNOWN_FRAUDS_30])),
-                equal_to([("tx-00003", 4.0, 1.0)]), label="decided")
-    assert_that(out.dead_letters | "Dead" >> beam.Map(lambda d: (d.source, d.reason)),
-                equal_to([("tx/0@4", "bad_magic_byte")]), label="dead")
+    assert_that(h.flat(out.decisions, "Features", "transaction_id", "customer_id_nb_tx_1day_window",
+                       "terminal_id_known_frauds_30day"), equal_to([("tx-00003", 4.0, 1.0)]), label="decided")
+    assert_that(h.flat(out.dead_letters, "Dead", "source", "reason"), equal_to([("tx/0@4", "bad_magic_byte")]),
+                label="dead")
 
 
 def test_bad_history_is_not_dead_lettered_again(reference):
   # Below the committed offset a bad record was dead-lettered by the run that read it first.
   with TestPipeline() as p:
     out = p | beam.Create([_raw(0, None), _raw(1, None)]) | DecideLive(None, "tx", None, {("tx", 0): 1}, reference)
-    assert_that(out.dead_letters | beam.Map(lambda d: (d.source, d.reason)), equal_to([("tx/0@1", "null_value")]))
+    assert_that(h.flat(out.dead_letters, "Dead", "source", "reason"), equal_to([("tx/0@1", "null_value")]))
 
 
 class _Finalizer:
@@ -85,11 +80,11 @@ def test_bundle_finalizer_commits_what_the_bundle_decided_never_replayed_offsets
   fn._committer = committer = _Committer()  # pylint: disable=protected-access
   for records in ([_raw(0, h.message(h.tx_record(0, h.T0)))],  # replayed history only
                   [_raw(1, h.message(h.tx_record(1, h.T0 + 1))), _raw(2, h.message(h.tx_record(2, h.T0 + 2))),
-                   RawRecord("tx/1@7", h.message(h.tx_record(7, h.T0 + 3)))]):
+                   _raw(7, h.message(h.tx_record(7, h.T0 + 3)), partition=1)]):
     finalizer = _Finalizer()
     fn.start_bundle()
     for raw in records:
-      list(fn.process(raw, Timestamp(0), finalizer))
+      list(fn.process(raw, finalizer))
     list(fn.finish_bundle())
     assert len(finalizer.callbacks) == 1  # one per bundle, called by the runner after the sinks
     finalizer.callbacks[0]()
@@ -106,13 +101,13 @@ def test_a_new_model_matching_the_watch_pattern_replaces_the_current_one(referen
   fn = DecideLive(None, "tx", None, {}, reference, batch_size=1,
                   model_watch_pattern=str(tmp_path / "models" / "*" / "model.json"), model_check_s=0)._fn
   fn.setup()
-  bundled = fn._model_version  # pylint: disable=protected-access
+  bundled = fn._model.version  # pylint: disable=protected-access
 
   def decide(i):
     fn.start_bundle()
-    out = list(fn.process(_raw(i, h.message(h.tx_record(i, h.T0 + i))), Timestamp(0), _Finalizer()))
+    out = list(fn.process(_raw(i, h.message(h.tx_record(i, h.T0 + i))), _Finalizer()))
     out += [w.value for w in fn.finish_bundle()]
-    return out[0].model_version
+    return h.rows(out[0], "model_version")[0][0]
 
   assert decide(0) == bundled  # nothing matches yet
   (tmp_path / "models" / "broken").mkdir(parents=True)

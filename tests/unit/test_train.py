@@ -9,7 +9,7 @@ from txstream import cli
 from txstream.models import artifacts
 from txstream.models import train as train_lib
 from txstream.pipelines import generate
-from txstream.transforms.features import FEATURE_NAMES
+from txstream.core.contracts import FEATURE_COLUMNS, FEATURE_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,15 @@ def test_handbook_protocol_computes_features_once_and_reports_every_fold(book_da
 def test_load_features_sorts_rows_and_keeps_vectors_with_their_ids(tmp_path):
   width = len(FEATURE_NAMES)
   rows = [("b", 2 * 86_400_000, 7, [2.0] * width), ("a", 5, 3, [1.0] * width), ("c", 2 * 86_400_000, 9, [3.0] * width)]
-  table = pa.table({"transaction_id": [r[0] for r in rows], "event_time_ms": [r[1] for r in rows],
-                    "customer_id": [r[2] for r in rows], "features": [r[3] for r in rows]})
+  columns = {"transaction_id": [r[0] for r in rows], "event_time_ms": [r[1] for r in rows],
+             "customer_id": [r[2] for r in rows]}
+  columns.update({name: [r[3][j] + j for r in rows] for j, name in enumerate(FEATURE_COLUMNS)})
+  table = pa.table(columns)
   pq.write_table(table, str(tmp_path / "features-0.parquet"))
   data = train_lib.load_features(str(tmp_path / "features*.parquet"), {"c"})
   assert data.transaction_id == ["a", "b", "c"]
   assert data.x[:, 0].tolist() == [1.0, 2.0, 3.0] and data.x.shape == (3, width)
+  assert data.x[0, width - 1] == 1.0 + width - 1  # columns in FEATURE_NAMES order
   assert data.y.tolist() == [False, False, True]
   assert data.day.tolist() == [0, 2, 2] and data.customer.tolist() == [3, 7, 9]
 

@@ -181,10 +181,13 @@ def split_by(table: pa.Table, keys: np.ndarray) -> Iterator[Tuple[int, pa.Table]
   """(key, rows with that key) for each distinct key, keys ascending, rows in their original order."""
   if table.num_rows == 0:
     return
-  order = np.argsort(keys, kind="stable")
-  sorted_keys = keys[order]
+  if (keys[1:] >= keys[:-1]).all():  # already grouped in order (e.g. rows of a day-ordered shard): no copy
+    order, sorted_keys, taken = None, keys, table
+  else:
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    taken = table.take(pa.array(order))
   bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-  taken = table.take(pa.array(order))
   starts = np.concatenate(([0], bounds))
   ends = np.concatenate((bounds, [len(keys)]))
   for start, end in zip(starts.tolist(), ends.tolist()):

@@ -1,4 +1,6 @@
 """Dead-letter rows: where a bad input ended and why, one contracts.DEAD_LETTER row each."""
+import base64
+import json
 from typing import Optional, Sequence
 
 import pyarrow as pa
@@ -31,3 +33,13 @@ def of_errors(sources: Sequence[str], raws: Sequence[Optional[bytes]], stage: st
   """Dead letters from exceptions that carry a ``reason`` (decoding and validation errors)."""
   return table(sources, raws, stage, [e.reason for e in errors], [type(e).__name__ for e in errors],
                [str(e) for e in errors])
+
+
+def to_json(row: dict) -> str:
+  """One dead letter (a row of contracts.DEAD_LETTER as a dict) as JSON, the raw bytes in base64."""
+  return json.dumps({
+      "source": row["source"], "stage": row["stage"], "reason": row["reason"],
+      "error_class": row["error_class"], "message": row["message"],
+      "pipeline_version": row["pipeline_version"],
+      "raw_base64": base64.b64encode(row["raw"]).decode() if row["raw"] is not None else None,
+  }, sort_keys=True)

@@ -37,8 +37,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from txstream.core import contracts
+from txstream.core import contracts, dead_letters
 from txstream.core.numeric import exact_div
 
 DAY_MS = contracts.DAY_MS
@@ -545,6 +546,39 @@ class Features(NamedTuple):
   outcome: np.ndarray   # per input row: KEPT, DUPLICATE or CONFLICT
 
 
+class Outcomes(NamedTuple):
+  """What the customer stage makes of a batch: kept rows with their customer features, repeats."""
+  featured: pa.Table      # contracts.FEATURED of the kept rows, the terminal features still null
+  duplicates: pa.Table    # the run's own exact repeats (contracts.TRANSACTION): filtered, counted
+  dead_letters: pa.Table  # the run's own conflicting repeats (contracts.DEAD_LETTER)
+
+
+def own_rows(table: pa.Table) -> pa.Table:
+  """The run's own rows (history rows only feed state: their outcomes belong to an earlier run)."""
+  if not table.num_rows:
+    return table
+  return table.filter(pc.invert(table.column("history")))
+
+
+def repeats(tx: pa.Table, outcome: np.ndarray) -> Tuple[pa.Table, pa.Table]:
+  """(own exact duplicates, dead letters of own conflicting repeats) of a batch and its outcomes."""
+  duplicates = own_rows(tx.filter(pa.array(outcome == DUPLICATE)))
+  conflicts = own_rows(tx.filter(pa.array(outcome == CONFLICT)))
+  dead = dead_letters.table(
+      conflicts.column("source").to_pylist(), [None] * conflicts.num_rows, contracts.FEATURES,
+      contracts.CONFLICTING_DUPLICATE, "",
+      [f"transaction_id {i} reused with other content" for i in conflicts.column("transaction_id").to_pylist()])
+  return duplicates, dead
+
+
+def outcomes(tx: pa.Table, result: CustomerResult) -> Outcomes:
+  """The customer stage's outputs for an enriched batch and its ``CustomerEngine.update`` result."""
+  kept = np.flatnonzero(result.outcome == KEPT)
+  rows = tx if len(kept) == tx.num_rows else tx.take(pa.array(kept))
+  table = with_features(featured(rows), contracts.CUSTOMER_FEATURES, [c[kept] for c in result.features])
+  return Outcomes(table, *repeats(tx, result.outcome))
+
+
 class FeatureEngine:
   """Both engines for one process holding every key (the live hot path, training, a one-pass reference)."""
 
@@ -558,8 +592,6 @@ class FeatureEngine:
   def update(self, tx: pa.Table) -> Features:
     """Features of an enriched batch, processed in (event time, transaction_id) order after what is held."""
     customer = self.customers.update(tx)
-    kept = np.flatnonzero(customer.outcome == KEPT)
-    rows = tx.take(pa.array(kept)) if len(kept) < tx.num_rows else tx
-    table = with_features(featured(rows), contracts.CUSTOMER_FEATURES, [c[kept] for c in customer.features])
-    table = with_features(table, contracts.TERMINAL_FEATURES, self.terminals.update(rows))
-    return Features(table, customer.outcome)
+    table = outcomes(tx, customer).featured
+    return Features(with_features(table, contracts.TERMINAL_FEATURES, self.terminals.update(table)),
+                    customer.outcome)

@@ -14,6 +14,9 @@ from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
 import fastavro
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from txstream.core import contracts
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -103,6 +106,14 @@ class FrameBatch(NamedTuple):
   """Consecutive messages of a framed file: the index of the first, and the messages."""
   first_index: int
   values: pa.BinaryArray
+
+  def raw(self, name: str) -> pa.Table:
+    """contracts.RAW rows of these messages of file ``name`` (sources ``name#index``)."""
+    n = len(self.values)
+    positions = pa.array(np.arange(self.first_index, self.first_index + n), pa.int64()).cast(pa.string())
+    sources = pc.binary_join_element_wise(pa.scalar(f"{name}#"), positions, "")
+    return pa.Table.from_arrays([sources, self.values, pa.nulls(n, pa.int64()), pa.array(np.zeros(n, bool))],
+                                schema=contracts.RAW)
 
 
 _READ_BYTES = 4 << 20

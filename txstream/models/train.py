@@ -42,7 +42,6 @@ from txstream.models import artifacts, protocol
 from txstream.models.evaluate import detection_metrics
 from txstream.pipelines.graph import build_features
 from txstream.runners.profiles import runner_for
-from txstream.transforms.read import raw_table
 
 _LOGGER = logging.getLogger(__name__)
 DAY_MS = 86_400_000
@@ -110,8 +109,7 @@ def read_fraud_ids(input_dir: str) -> set:
   for path in sorted(glob.glob(os.path.join(input_dir, "labels", "*.wire"))):
     with open(path, "rb") as f:
       for frames in wire.read_frame_batches(f):
-        labels, _ = decode.decode_labels(raw_table(os.path.basename(path), frames.first_index, frames.values),
-                                         decoder)
+        labels, _ = decode.decode_labels(frames.raw(os.path.basename(path)), decoder)
         frauds.update(labels.filter(labels.column("is_fraud")).column("transaction_id").to_pylist())
   return frauds
 

@@ -9,6 +9,7 @@ back.
 import collections
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from txstream.core import contracts
@@ -32,5 +33,5 @@ def values(table: pa.Table, column: str, prefix: str) -> None:
   """Counts ``prefix.<value>`` per distinct value of a string column."""
   if not table.num_rows:
     return
-  for value, n in collections.Counter(table.column(column).to_pylist()).items():
-    inc(f"{prefix}.{value}", n)
+  for pair in pc.value_counts(table.column(column)).to_pylist():
+    inc(f"{prefix}.{pair['values']}", pair["counts"])

@@ -54,11 +54,6 @@ class FeaturesResult(NamedTuple):
   dead_letters: beam.PCollection  # DeadLetterBatch
 
 
-def _own(table: pa.Table) -> pa.Table:
-  """The run's own rows (history rows only feed state: their outcomes belong to an earlier run)."""
-  if not table.num_rows:
-    return table
-  return table.filter(pa.compute.invert(table.column("history")))
 
 
 def _chunks(table: pa.Table, rows: int = _OUTPUT_ROWS):
@@ -114,25 +109,15 @@ class _ShardSplitFn(beam.DoFn):
     yield from self._buffer.drain()
 
 
-def repeat_outcomes(tx: pa.Table, outcome: np.ndarray):
-  """(own exact duplicates, dead letters of own conflicting repeats), counted."""
-  duplicates = _own(tx.filter(pa.array(outcome == engine.DUPLICATE)))
-  conflicts = _own(tx.filter(pa.array(outcome == engine.CONFLICT)))
+def count_repeats(duplicates: pa.Table, dead: pa.Table) -> None:
+  """Counts what the customer stage filtered (``filtered.duplicate``) and dead-lettered."""
   counting.inc("filtered.duplicate", duplicates.num_rows)
-  dead = dead_letters.table(
-      conflicts.column("source").to_pylist(), [None] * conflicts.num_rows, contracts.FEATURES,
-      contracts.CONFLICTING_DUPLICATE, "",
-      [f"transaction_id {i} reused with other content" for i in conflicts.column("transaction_id").to_pylist()])
   counting.dead_letters(dead)
-  return duplicates, dead
 
 
-def customer_outcomes(tx: pa.Table, result: engine.CustomerResult):
-  """(partial contracts.FEATURED rows of the kept transactions, duplicates, dead letters of conflicts)."""
-  kept = np.flatnonzero(result.outcome == engine.KEPT)
-  featured = engine.with_features(engine.featured(tx.take(pa.array(kept))), contracts.CUSTOMER_FEATURES,
-                                  [c[kept] for c in result.features])
-  return (featured,) + repeat_outcomes(tx, result.outcome)
+def counted(result: engine.Outcomes) -> engine.Outcomes:
+  count_repeats(result.duplicates, result.dead_letters)
+  return result
 
 
 # ----------------------------------------------------------------------------------------------- bounded
@@ -150,7 +135,7 @@ class _CustomerShardFn(beam.DoFn):
 
   def process(self, shard_batches):
     tx = TransactionBatch.concat(shard_batches[1]).table
-    featured, duplicates, dead = customer_outcomes(tx, engine.CustomerEngine(keep_state=False).update(tx))
+    featured, duplicates, dead = counted(engine.outcomes(tx, engine.CustomerEngine(keep_state=False).update(tx)))
     if duplicates.num_rows:
       yield beam.pvalue.TaggedOutput(FILTERED, TransactionBatch(duplicates))
     if dead.num_rows:
@@ -238,7 +223,7 @@ class _OrderedStateFn(beam.DoFn):
 
 
 def _late_letters(table: pa.Table, done_up_to: int, what: str) -> DeadLetterBatch:
-  own = _own(table)
+  own = engine.own_rows(table)
   times = own.column("event_time_ms").to_pylist()
   return DeadLetterBatch(dead_letters.table(
       own.column("source").to_pylist(), [None] * own.num_rows, contracts.FEATURES, contracts.LATE, "",
@@ -272,7 +257,7 @@ class _CustomerStreamFn(_OrderedStateFn):
     yield from self._buffer(keyed[1], pending, done, next_fire, flush, self._late)
 
   def ready(self, customers, tx):
-    featured, duplicates, dead = customer_outcomes(tx, customers.update(tx))
+    featured, duplicates, dead = counted(engine.outcomes(tx, customers.update(tx)))
     if duplicates.num_rows:
       yield beam.pvalue.TaggedOutput(FILTERED, TransactionBatch(duplicates))
     if dead.num_rows:
@@ -323,7 +308,7 @@ class _TerminalStreamFn(_OrderedStateFn):
     if done_up_to is not None:
       late = labels.column("label_time_ms").to_numpy() <= done_up_to
       if late.any():
-        behind = _own(labels.filter(pa.array(late)))
+        behind = engine.own_rows(labels.filter(pa.array(late)))
         letters = dead_letters.table(
             [f"label:{i}" for i in behind.column("transaction_id").to_pylist()], [None] * behind.num_rows,
             contracts.FEATURES, contracts.LATE, "",

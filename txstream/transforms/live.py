@@ -46,7 +46,7 @@ from txstream.io.kafka_read import parse_source
 from txstream.models import artifacts
 from txstream.transforms import counting
 from txstream.transforms.enrich import load_reference
-from txstream.transforms.features import repeat_outcomes
+from txstream.transforms.features import count_repeats
 from txstream.transforms.validate import decoder
 
 _LOGGER = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ class _DecideLiveFn(beam.DoFn):
     counting.dead_letters(decode_dead)
     counting.dead_letters(enrich_dead)
     features = self._features.update(tx)
-    _, conflicts = repeat_outcomes(tx, features.outcome)
+    duplicates, conflicts = engine.repeats(tx, features.outcome)
+    count_repeats(duplicates, conflicts)
     dead = pa.concat_tables([decode_dead, enrich_dead, conflicts])
     featured = features.featured
     own = featured.filter(pa.compute.invert(featured.column("history")))

@@ -33,15 +33,6 @@ class ReadResult(NamedTuple):
   dead_letters: beam.PCollection
 
 
-def raw_table(name: str, first_index: int, values: pa.Array) -> pa.Table:
-  """contracts.RAW rows for messages ``first_index``... of file ``name``."""
-  n = len(values)
-  positions = pa.array(np.arange(first_index, first_index + n), pa.int64()).cast(pa.string())
-  sources = pa.compute.binary_join_element_wise(pa.scalar(f"{name}#"), positions, "")
-  return pa.Table.from_arrays([sources, values, pa.nulls(n, pa.int64()), pa.array(np.zeros(n, bool))],
-                              schema=contracts.RAW)
-
-
 class _ReadFramesFn(beam.DoFn):
   def __init__(self, stream: str, batch_records: int):
     self._batch_records = batch_records
@@ -54,7 +45,7 @@ class _ReadFramesFn(beam.DoFn):
       with readable.open(compression_type=beam.io.filesystem.CompressionTypes.UNCOMPRESSED) as f:
         for frames in wire.read_frame_batches(f, self._batch_records):
           self._records.inc(len(frames.values))
-          yield RawBatch(raw_table(name, frames.first_index, frames.values))
+          yield RawBatch(frames.raw(name))
     except wire.WireFormatError as e:
       self._records.inc()
       Metrics.counter(contracts.NAMESPACE, f"{self._dead}.{contracts.READ}.{e.reason}").inc()

@@ -6,7 +6,6 @@ or a replace keyed on ``transaction_id`` or on a deterministic file name, so
 retries and reruns never duplicate. Each tier counts the rows it wrote under
 ``tier.<name>``.
 """
-import base64
 import json
 import logging
 from typing import NamedTuple, Optional, Tuple
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
-from txstream.core import contracts
+from txstream.core import contracts, dead_letters
 from txstream.core.batch import DeadLetterBatch, DecisionBatch, split_by
 from txstream.io import parquet
 from txstream.io.file_retry import RetryingFileWrite
@@ -74,15 +73,6 @@ class _WriteColdFn(beam.DoFn):
       files.discard()
 
 
-def dead_letter_json(row: dict) -> str:
-  return json.dumps({
-      "source": row["source"], "stage": row["stage"], "reason": row["reason"],
-      "error_class": row["error_class"], "message": row["message"],
-      "pipeline_version": row["pipeline_version"],
-      "raw_base64": base64.b64encode(row["raw"]).decode() if row["raw"] is not None else None,
-  }, sort_keys=True)
-
-
 _JSON_COLUMNS = ("transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
                  "currency", "decision", "score", "reason_codes", "model_version", "rules_version",
                  "pipeline_version", "decided_at_ms", "source")
@@ -98,7 +88,7 @@ def decision_messages(decisions: DecisionBatch):
 def dead_letter_messages(letters: DeadLetterBatch):
   """(source position, JSON value with the raw bytes in base64) per dead letter."""
   for row in letters.table.to_pylist():
-    yield row["source"], dead_letter_json(row).encode()
+    yield row["source"], dead_letters.to_json(row).encode()
 
 
 class _WriteJsonToKafka(beam.PTransform):
@@ -130,7 +120,7 @@ class _WriteDeadLettersFn(beam.DoFn):
 
   def process(self, stage_batches):
     stage, batches = stage_batches
-    lines = sorted(dead_letter_json(row) for row in DeadLetterBatch.concat(batches).table.to_pylist())
+    lines = sorted(dead_letters.to_json(row) for row in DeadLetterBatch.concat(batches).table.to_pylist())
     path = FileSystems.join(self._root, self._name.format(stage=stage))
     data = ("\n".join(lines) + "\n").encode()
 
