@@ -129,7 +129,7 @@ def _outcome(dsn, work_dir, expected_ids, corrupted, kills, runs) -> Outcome:
     cur.execute("SELECT source FROM dead_letters")
     dead_sources = [r[0] for r in cur.fetchall()]
   cold = []
-  for path in glob.glob(f"{work_dir}/cold/decisions/*/*/*.parquet"):
+  for path in glob.glob(f"{work_dir}/cold/decisions/*/*.parquet"):
     cold.extend(pq.read_table(path, columns=["transaction_id"]).column(0).to_pylist())
   # A corrupted record's source names its topic position, not its file; match them by count.
   lost = len(expected_ids - set(warm)) + len(expected_ids - set(cold))

@@ -33,7 +33,7 @@ def _run(input_dir, out_dir):
 
 def _cold_ids(out_dir):
   ids = []
-  for path in glob.glob(f"{out_dir}/cold/decisions/*/*/*.parquet"):
+  for path in glob.glob(f"{out_dir}/cold/decisions/*/*.parquet"):
     ids.extend(pq.read_table(path, columns=["transaction_id"]).column("transaction_id").to_pylist())
   return ids
 
@@ -68,8 +68,8 @@ def test_damaged_records_are_exactly_the_dead_letters(corrupted_input, tmp_path)
 
 def test_rerun_replaces_the_cold_tier(corrupted_input, tmp_path):
   first = _run(corrupted_input, str(tmp_path))
-  files = sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*/*.parquet"))
+  files = sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*.parquet"))
   second = _run(corrupted_input, str(tmp_path))
-  assert sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*/*.parquet")) == files
+  assert sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*.parquet")) == files
   ids = _cold_ids(str(tmp_path))
   assert len(ids) == len(set(ids)) == first["scored"] == second["scored"]
