@@ -28,7 +28,7 @@ from txstream.core import contracts
 _LOGGER = logging.getLogger(__name__)
 COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 131_072
-BUFFER_ROWS = 524_288  # rows held across all days before the largest day is written out
+BUFFER_ROWS = 262_144  # rows held across all days before the largest day is written out
 
 
 def cold_schema() -> pa.Schema:

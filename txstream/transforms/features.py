@@ -44,8 +44,8 @@ _LOGGER = logging.getLogger(__name__)
 DEAD = "dead_letters"
 FILTERED = "filtered"
 SHARDS = 16  # per shard kind; measured on 2 cores: 8-32 best, fewer keys make bigger sorts
-_OUTPUT_ROWS = 50_000  # largest batch handed downstream
-_SHUFFLE_ROWS = 50_000  # rows gathered per shard before a batch is shuffled (zstd pays per buffer)
+_OUTPUT_ROWS = 25_000  # largest batch handed downstream
+_SHUFFLE_ROWS = 25_000  # rows gathered per shard before a batch is shuffled (zstd pays per buffer)
 
 
 class FeaturesResult(NamedTuple):
@@ -144,15 +144,24 @@ class _CustomerShardFn(beam.DoFn):
 
 
 class _TerminalShardFn(beam.DoFn):
-  """(terminal shard, FeaturedBatches and LabelBatches) -> FeaturedBatches with every feature."""
-  def __init__(self, delay_days: int):
-    self._delay_days = delay_days
+  """(terminal shard, FeaturedBatches) + every LabelBatch (side input) -> FeaturedBatches with every feature.
 
-  def process(self, shard_batches):
-    batches = list(shard_batches[1])
+  Labels are few (chargebacks), so they come as a side input rather than
+  through the shuffle: the FnApiRunner materialises a Flatten before a
+  GroupByKey, which would hold every row a second time.
+  """
+  def __init__(self, delay_days: int, shards: int):
+    self._delay_days = delay_days
+    self._shards = shards
+
+  def process(self, shard_batches, labels):
+    shard = shard_batches[0]
     terminals = engine.TerminalEngine(self._delay_days, keep_state=False)
-    terminals.add_labels(LabelBatch.concat([b for b in batches if isinstance(b, LabelBatch)]).table)
-    rows = FeaturedBatch.concat([b for b in batches if isinstance(b, FeaturedBatch)]).table
+    for batch in labels:
+      table = batch.table
+      terminals.add_labels(table.filter(pa.array(shard_of(table.column("terminal_id").to_numpy(), self._shards)
+                                                 == shard)))
+    rows = FeaturedBatch.concat(shard_batches[1]).table
     featured = engine.with_features(rows, contracts.TERMINAL_FEATURES, terminals.update(rows))
     for part in _chunks(featured):
       yield FeaturedBatch(part)
@@ -441,12 +450,10 @@ class ComputeFeatures(beam.PTransform[beam.PCollection[TransactionBatch], Featur
             Tuple[int, FeaturedBatch], **{DEAD: DeadLetterBatch, FILTERED: TransactionBatch}).with_outputs(
                 DEAD, FILTERED, main="featured"))
     terminal = (
-        (customer.featured,
-         labels | "LabelsByTerminalShard" >> beam.ParDo(_ShardSplitFn("terminal_id", shards)).with_output_types(
-             Tuple[int, LabelBatch]))
-        | "MergeLabels" >> beam.Flatten().with_output_types(Tuple[int, Batch])
+        customer.featured
         | "CollectTerminals" >> beam.GroupByKey()
-        | "Terminal" >> beam.ParDo(_TerminalShardFn(self._delay_days)).with_output_types(FeaturedBatch))
+        | "Terminal" >> beam.ParDo(_TerminalShardFn(self._delay_days, shards), beam.pvalue.AsIter(labels))
+        .with_output_types(FeaturedBatch))
     return FeaturesResult(terminal, customer[FILTERED], customer[DEAD])
 
   def _expand_streaming(self, transactions, labels):
