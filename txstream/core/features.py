@@ -39,96 +39,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from txstream.core import contracts, dead_letters
+from txstream.core import contracts, dead_letters, history
 from txstream.core.numeric import exact_div
 
 DAY_MS = contracts.DAY_MS
 LONGEST_MS = contracts.WINDOWS_DAYS[-1] * DAY_MS
 KEPT, DUPLICATE, CONFLICT = 0, 1, 2  # customer-stage outcome of a transaction
-_HASH_SEED = 0x7478  # ids and records are compared by 64-bit hashes; any fixed seed does
-# Histories are sorted by one int64 key: slot(entity) * _STRIDE + (time - _BASE). 2**42 ms is 139 years
-# after 2000-01-01 (the earliest valid event), which leaves 2**21 entity slots per engine.
-_BASE = 946_684_800_000
-_STRIDE = 1 << 42
-_MAX_SLOTS = 1 << 21
-_SEARCH_CHUNK = 1 << 16  # rows per searchsorted call in a one-pass batch: the keys stay in cache
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-def _prefix(values: np.ndarray, squares: bool = False) -> np.ndarray:
-  """[0, v0, v0+v1, ...] (of the squares with ``squares``), int64 while it cannot overflow, else Python ints."""
-  peak = int(np.abs(values).max()) if values.size else 0
-  if squares:
-    peak *= peak
-  exact = peak * (len(values) + 1) < 2 ** 62
-  values = values.astype(np.int64 if exact else object)
-  if squares:
-    values = values * values
-  out = np.empty(len(values) + 1, dtype=values.dtype)
-  out[0] = 0
-  np.cumsum(values, out=out[1:])
-  return out
-
-
-class _Ties:
-  """Tie-break strings of some rows of a table, fetched only for the rows that tie."""
-
-  def __init__(self, table: pa.Table, rows: np.ndarray, columns=("transaction_id", "source")):
-    self._table, self._rows, self._columns = table, rows, columns
-
-  def values(self, positions: np.ndarray) -> List[tuple]:
-    taken = self._table.select(list(self._columns)).take(pa.array(self._rows[positions]))
-    return list(zip(*(("" if v is None else v for v in taken.column(c).to_pylist()) for c in self._columns)))
-
-
-def _order(numeric: List[np.ndarray], ties: _Ties) -> np.ndarray:
-  """Row order by the numeric keys (most significant first); runs equal on all of them by the ``ties`` strings."""
-  order = np.lexsort(numeric[::-1])
-  if len(order) < 2:
-    return order
-  same = np.ones(len(order) - 1, dtype=bool)
-  for key in numeric:
-    k = key[order]
-    same &= k[1:] == k[:-1]
-  if not same.any():
-    return order
-  # Few runs (same entity and millisecond, or a repeated id): order them by the strings in Python.
-  flags = np.concatenate(([0], same.astype(np.int8), [0]))
-  starts = np.flatnonzero(np.diff(flags) == 1)
-  ends = np.flatnonzero(np.diff(flags) == -1)
-  spans = list(zip(starts.tolist(), (ends + 1).tolist()))
-  members = np.concatenate([order[a:b] for a, b in spans])
-  strings = ties.values(members)
-  offset = 0
-  for a, b in spans:
-    run, by = members[offset:offset + b - a], strings[offset:offset + b - a]
-    order[a:b] = run[sorted(range(b - a), key=by.__getitem__)]
-    offset += b - a
-  return order
-
-
-def _hash_strings(array) -> np.ndarray:
-  return pl.Series(values=array).hash(seed=_HASH_SEED).to_numpy()
-
-
-def _entity_key(entity: np.ndarray, id_hash: np.ndarray) -> np.ndarray:
-  """One uint64 per (entity, id hash): what makes a repeat (a 64-bit hash; a false match has odds of 2**-64)."""
-  mixed = entity.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-  return id_hash ^ (mixed ^ (mixed >> np.uint64(29)))
-
-
-def _search(keys: np.ndarray, queries: np.ndarray, side: str = "right") -> np.ndarray:
-  """``np.searchsorted`` of sorted ``queries``, in cache-sized chunks when both are long."""
-  if len(queries) <= _SEARCH_CHUNK or len(keys) <= _SEARCH_CHUNK:
-    return np.searchsorted(keys, queries, side=side)
-  out = np.empty(len(queries), dtype=np.int64)
-  for start in range(0, len(queries), _SEARCH_CHUNK):
-    part = queries[start:start + _SEARCH_CHUNK]
-    lo = np.searchsorted(keys, part[0], side=side)
-    hi = np.searchsorted(keys, part[-1], side=side)
-    out[start:start + len(part)] = lo + np.searchsorted(keys[lo:hi + 1], part, side=side)
-  return out
 
 
 def time_flags(event_time_ms: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -138,87 +54,6 @@ def time_flags(event_time_ms: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   hour = np.floor_divide(event_time_ms - days * DAY_MS, contracts.HOUR_MS)
   return (weekday >= 5).astype(np.float64), (hour <= 6).astype(np.float64)
 
-
-class _Slots:
-  """Dense slots for entity ids (customers or terminals), given at first sight."""
-
-  def __init__(self):
-    self._ids = np.zeros(0, np.int64)    # sorted
-    self._slots = np.zeros(0, np.int64)  # slot of each id in _ids
-
-  def __len__(self) -> int:
-    return len(self._ids)
-
-  def of(self, ids: np.ndarray) -> np.ndarray:
-    at = np.searchsorted(self._ids, ids)
-    known = at < len(self._ids)
-    known[known] = self._ids[at[known]] == ids[known]
-    if not known.all():
-      fresh = np.unique(ids[~known])
-      if len(self._ids) + len(fresh) > _MAX_SLOTS:
-        raise OverflowError(f"more than {_MAX_SLOTS} entities in one feature engine; use more shards")
-      ids_all = np.concatenate((self._ids, fresh))
-      slots_all = np.concatenate((self._slots, np.arange(len(self._ids), len(self._ids) + len(fresh))))
-      order = np.argsort(ids_all, kind="stable")
-      self._ids, self._slots = ids_all[order], slots_all[order]
-      at = np.searchsorted(self._ids, ids)
-    return self._slots[at]
-
-
-def _time_key(slots: np.ndarray, times: np.ndarray) -> np.ndarray:
-  offset = times - _BASE
-  if offset.size and (offset.min() < 0 or offset.max() >= _STRIDE):
-    raise ValueError("event time outside 2000-01-01 .. 2139: not a valid transaction time")
-  return slots * _STRIDE + offset
-
-
-class _Merged(NamedTuple):
-  """Held rows and new rows in one sorted order; ``at`` is where each new row (in sorted-new order) landed."""
-  key: np.ndarray
-  columns: Dict[str, np.ndarray]
-  at: np.ndarray
-
-
-def _merge(held_key: np.ndarray, held: Dict[str, np.ndarray], new_key: np.ndarray,
-           new: Dict[str, np.ndarray]) -> _Merged:
-  """Inserts sorted new rows after the held rows with an equal key (held rows came first)."""
-  ins = np.searchsorted(held_key, new_key, side="right")
-  at = ins + np.arange(len(new_key))
-  return _Merged(np.insert(held_key, ins, new_key), {c: np.insert(held[c], ins, new[c]) for c in held}, at)
-
-
-class _Index:
-  """Sorted uint64 keys with a time (for trimming) and a payload column: the repeat detectors' memory."""
-
-  def __init__(self):
-    self.key = np.zeros(0, np.uint64)
-    self.time = np.zeros(0, np.int64)
-    self.payload = np.zeros(0, np.uint64)
-
-  def find(self, keys: np.ndarray) -> np.ndarray:
-    """Index of each key in the held keys, -1 where absent."""
-    at = np.searchsorted(self.key, keys)
-    found = at < len(self.key)
-    found[found] = self.key[at[found]] == keys[found]
-    return np.where(found, at, -1)
-
-  def add(self, keys: np.ndarray, times: np.ndarray, payload: np.ndarray) -> None:
-    if not len(keys):
-      return
-    order = np.argsort(keys, kind="stable")
-    ins = np.searchsorted(self.key, keys[order])
-    self.key = np.insert(self.key, ins, keys[order])
-    self.time = np.insert(self.time, ins, times[order])
-    self.payload = np.insert(self.payload, ins, payload[order])
-
-  def trim(self, horizon: int) -> None:
-    keep = self.time > horizon
-    if not keep.all():
-      self.key, self.time, self.payload = self.key[keep], self.time[keep], self.payload[keep]
-
-
-def _flat(array) -> pa.Array:
-  return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
 # ----------------------------------------------------------------------------------------------- customers
@@ -240,16 +75,16 @@ class Repeats:
 
   def __init__(self, margin_ms: int):
     self._margin = margin_ms
-    self._seen = _Index()  # payload: fingerprint of the first occurrence; time: its event time
+    self._seen = history.Index()  # payload: fingerprint of the first occurrence; time: its event time
     self._newest: Optional[int] = None
 
   def check(self, tx: pa.Table, remember: bool = True) -> np.ndarray:
     """KEPT, DUPLICATE or CONFLICT per row of ``tx``; with ``remember`` the kept rows are held."""
     customer = tx.column("customer_id").to_numpy()
     times = tx.column("event_time_ms").to_numpy()
-    seen_key = _entity_key(customer, _hash_strings(tx.column("transaction_id")))
+    seen_key = history.entity_key(customer, history.hash_strings(tx.column("transaction_id")))
     prints = pl.from_arrow(tx.select(["event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
-                                      "currency"])).hash_rows(seed=_HASH_SEED).to_numpy()
+                                      "currency"])).hash_rows(seed=history.HASH_SEED).to_numpy()
     outcome = np.zeros(len(seen_key), np.int8)
     held = self._seen.find(seen_key)
     if (held >= 0).any():
@@ -301,7 +136,7 @@ class CustomerEngine:
   def __init__(self, lateness_ms: int = 0, keep_state: bool = True):
     self._margin = LONGEST_MS + lateness_ms
     self._keep = keep_state
-    self._slots = _Slots()
+    self._slots = history.Slots()
     self._key = np.zeros(0, np.int64)
     self._amount = np.zeros(0, np.int64)
     self._repeats = Repeats(self._margin)
@@ -317,10 +152,10 @@ class CustomerEngine:
     outcome = self._repeats.check(tx, remember=self._keep)
     kept = np.flatnonzero(outcome == KEPT)
     times = tx.column("event_time_ms").to_numpy()[kept]
-    key = _time_key(self._slots.of(tx.column("customer_id").to_numpy()[kept]), times)
+    key = history.time_key(self._slots.of(tx.column("customer_id").to_numpy()[kept]), times)
     amount = tx.column("amount_minor").to_numpy()[kept]
-    order = _order([key], _Ties(tx, kept))
-    merged = _merge(self._key, {"amount": self._amount}, key[order], {"amount": amount[order]})
+    order = history.order([key], history.Ties(tx, kept))
+    merged = history.merge(self._key, {"amount": self._amount}, key[order], {"amount": amount[order]})
     features = []
     for values in _customer_windows(merged.key, merged.columns["amount"], merged.at):
       column = np.full(n, np.nan)
@@ -334,19 +169,19 @@ class CustomerEngine:
 
   def _trim(self, newest: int) -> None:
     self._newest = newest if self._newest is None else max(self._newest, newest)
-    stale = (self._key % _STRIDE) + _BASE <= self._newest - self._margin
+    stale = (self._key % history.STRIDE) + history.BASE <= self._newest - self._margin
     if stale.sum() * 8 > len(stale):  # trim in steps: each trim copies the history
       self._key, self._amount = self._key[~stale], self._amount[~stale]
 
 
 def _customer_windows(key: np.ndarray, amount: np.ndarray, at: np.ndarray) -> np.ndarray:
   """Customer features of the rows at sorted positions ``at`` of a (customer, time)-sorted history."""
-  sums, squares = _prefix(amount), _prefix(amount, squares=True)
+  sums, squares = history.prefix(amount), history.prefix(amount, squares=True)
   k, a = key[at], amount[at]
   out = []
   starts = {}
   for days in contracts.WINDOWS_DAYS:
-    j = starts[days] = _search(key, k - days * DAY_MS)
+    j = starts[days] = history.search(key, k - days * DAY_MS)
     count = at - j + 1
     out += [count.astype(np.float64), exact_div(sums[at + 1] - sums[j], count) / 100.0]
   z = np.zeros(len(at))
@@ -383,11 +218,11 @@ class TerminalEngine:
     self._delay_ms = delay_days * DAY_MS
     self._margin = self._delay_ms + LONGEST_MS + lateness_ms
     self._keep = keep_state
-    self._slots = _Slots()
+    self._slots = history.Slots()
     self._key = np.zeros(0, np.int64)            # transactions: slot * stride + time
     self._label_key = np.zeros(0, np.int64)      # frauds: slot * stride + the transaction's time
     self._label_time = np.zeros(0, np.int64)     # ... and when each became known
-    self._labelled = _Index()                    # (terminal, id) of every fraud counted
+    self._labelled = history.Index()                    # (terminal, id) of every fraud counted
     self._newest: Optional[int] = None
 
   def __len__(self) -> int:
@@ -403,14 +238,14 @@ class TerminalEngine:
     terminal = frauds.column("terminal_id").to_numpy()
     tx_time = frauds.column("tx_time_ms").to_numpy()
     label_time = frauds.column("label_time_ms").to_numpy()
-    seen_key = _entity_key(terminal, _hash_strings(frauds.column("transaction_id")))
+    seen_key = history.entity_key(terminal, history.hash_strings(frauds.column("transaction_id")))
     fresh = np.flatnonzero(self._labelled.find(seen_key) < 0)
     # The earliest label of each new (terminal, id), ties by source position.
-    order = fresh[_order([seen_key[fresh], label_time[fresh]], _Ties(frauds, fresh, ("source",)))]
+    order = fresh[history.order([seen_key[fresh], label_time[fresh]], history.Ties(frauds, fresh, ("source",)))]
     first = np.concatenate(([True], seen_key[order][1:] != seen_key[order][:-1]))
     take = order[first]
     self._labelled.add(seen_key[take], tx_time[take], np.zeros(len(take), np.uint64))
-    key = _time_key(self._slots.of(terminal[take]), tx_time[take])
+    key = history.time_key(self._slots.of(terminal[take]), tx_time[take])
     ins = np.searchsorted(self._label_key, np.sort(key), side="right")
     sorted_take = take[np.argsort(key, kind="stable")]
     self._label_key = np.insert(self._label_key, ins, key[np.argsort(key, kind="stable")])
@@ -427,9 +262,9 @@ class TerminalEngine:
     if n == 0:
       return [np.zeros(0) for _ in contracts.TERMINAL_FEATURES]
     times = tx.column("event_time_ms").to_numpy()
-    key = _time_key(self._slots.of(tx.column("terminal_id").to_numpy()), times)
-    order = _order([key], _Ties(tx, np.arange(n)))
-    merged = _merge(self._key, {}, key[order], {})
+    key = history.time_key(self._slots.of(tx.column("terminal_id").to_numpy()), times)
+    order = history.order([key], history.Ties(tx, np.arange(n)))
+    merged = history.merge(self._key, {}, key[order], {})
     features = []
     for values in self._windows(merged.key, merged.at):
       column = np.empty(n)
@@ -443,16 +278,16 @@ class TerminalEngine:
   def _windows(self, key: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Terminal features of the rows at sorted positions ``at`` of the (terminal, time)-sorted history."""
     k = key[at]
-    t = (k % _STRIDE) + _BASE
+    t = (k % history.STRIDE) + history.BASE
     end = k - self._delay_ms
-    end_rows = np.minimum(_search(key, end), at)  # with no delay, later rows of the same millisecond wait
+    end_rows = np.minimum(history.search(key, end), at)  # with no delay, later rows of the same millisecond wait
     frauds, known, latest = _label_counts(t, k, self._delay_ms, self._label_key, self._label_time)
     out = []
     for days in contracts.WINDOWS_DAYS:
-      count = end_rows - _search(key, end - days * DAY_MS)
+      count = end_rows - history.search(key, end - days * DAY_MS)
       out += [count.astype(np.float64), _risk(frauds[days], count)]
     for days in contracts.KNOWN_WINDOWS_DAYS:
-      count = at - _search(key, k - days * DAY_MS)
+      count = at - history.search(key, k - days * DAY_MS)
       out += [known[days].astype(np.float64), _risk(known[days], count)]
     since = np.where(latest >= 0, t - latest, LONGEST_MS)
     out.append(exact_div(np.minimum(since, LONGEST_MS), np.full(len(t), DAY_MS)))
@@ -461,10 +296,10 @@ class TerminalEngine:
   def _trim(self, newest: int) -> None:
     self._newest = newest if self._newest is None else max(self._newest, newest)
     horizon = self._newest - self._margin
-    stale = (self._key % _STRIDE) + _BASE <= horizon
+    stale = (self._key % history.STRIDE) + history.BASE <= horizon
     if stale.sum() * 8 > len(stale):
       self._key = self._key[~stale]
-    stale = (self._label_key % _STRIDE) + _BASE <= horizon
+    stale = (self._label_key % history.STRIDE) + history.BASE <= horizon
     if stale.sum() * 8 > len(stale):
       self._label_key, self._label_time = self._label_key[~stale], self._label_time[~stale]
       self._labelled.trim(horizon)
@@ -506,7 +341,7 @@ def _label_counts(t: np.ndarray, k: np.ndarray, delay_ms: int, label_key: np.nda
     label = np.repeat(lo[start:stop] - first, w) + np.arange(int(w.sum()))
     ok = label_time[label] <= t[row]
     row, label = row[ok], label[ok]
-    fraud_time = (label_key[label] % _STRIDE) + _BASE
+    fraud_time = (label_key[label] % history.STRIDE) + history.BASE
     end = t[row] - delay_ms
     for days in contracts.WINDOWS_DAYS:
       inside = (fraud_time <= end) & (fraud_time > end - days * DAY_MS)

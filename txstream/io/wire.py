@@ -9,7 +9,7 @@ record's index in the file is its source position.
 import io
 import logging
 import struct
-from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
+from typing import BinaryIO, Iterator, List, NamedTuple, Tuple
 
 import fastavro
 import numpy as np

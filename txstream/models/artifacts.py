@@ -58,7 +58,7 @@ def load_metadata(model_dir: Optional[str], feature_names: Sequence[str]) -> dic
   return meta
 
 
-def load_model(model_dir: Optional[str]) -> "Model":
+def load_model(model_dir: Optional[str]):
   """The checked artifact of ``model_dir`` (default: the bundled model) as a ``core.decide.Model``."""
   from txstream.core import contracts
   from txstream.core.decide import Model

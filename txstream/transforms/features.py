@@ -22,7 +22,7 @@ allowed lateness is a ``late`` dead letter, as is a label behind its
 terminals' processed time.
 """
 import logging
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import apache_beam as beam
 import numpy as np

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
-from txstream.core import contracts, dead_letters
+from txstream.core import dead_letters
 from txstream.core.batch import DeadLetterBatch, DecisionBatch, split_by
 from txstream.io import parquet
 from txstream.io.file_retry import RetryingFileWrite
