@@ -12,13 +12,16 @@ runs while the rest is produced at the rate for ``--seconds``. A consumer
 reads the decisions topic as they come; latency = the moment a decision is
 received minus the input record's Kafka timestamp (its produce time), so it
 covers broker, read, decode, features, model, rules, the sinks' flush and the
-broker again. Needs `txstream services up kafka` (and Redis for --redis_url).
+broker again. The stream's own in-process latency (record batch fetched ->
+decision produced, over the whole run) is read from its progress log.
+Needs `txstream services up kafka` (and Redis for --redis_url).
 """
 import argparse
 import datetime
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,12 +123,16 @@ def run_rate(args, data, rate):
   log.close()
   produced = _produce_times(bootstrap, topic)
   latencies = np.array([at - produced[source] for at, source in received if source in produced])
+  with open(log_path, encoding="utf-8", errors="replace") as f:
+    in_process = re.findall(r"in-process \(fetched -> decided\) over the run p50 (\d+) ms p99 (\d+) ms", f.read())
   p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (float("nan"),) * 3
   return {"rate": rate, "history_events": len(history), "start_and_replay_s": round(warmup_s, 1),
           "live_events": expected, "decided": len(received), "produce_s": round(produce_s, 1),
           "all_decided_after_s": round(drained_s, 1) if len(received) >= expected else None,
           "p50_ms": round(float(p50)), "p95_ms": round(float(p95)), "p99_ms": round(float(p99)),
-          "max_ms": round(float(latencies.max())) if len(latencies) else None}
+          "max_ms": round(float(latencies.max())) if len(latencies) else None,
+          "in_process_p50_ms": int(in_process[-1][0]) if in_process else None,
+          "in_process_p99_ms": int(in_process[-1][1]) if in_process else None}
 
 
 def main(argv=None) -> int:

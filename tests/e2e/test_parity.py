@@ -138,7 +138,7 @@ def _run_streaming(data, records):
 
 def _run_live(data, records):
   """DecideLive fed the records in event-time order: one batch per run of records from one topic."""
-  fn = DecideLive(None, "tx", "lb", {}, f"{data}/reference", batch_size=64)._fn
+  fn = DecideLive(None, "tx", "lb", {}, f"{data}/reference")._fn
   fn.setup()
   offsets = {"tx": 0, "lb": 0}
   decisions, dead = [], []

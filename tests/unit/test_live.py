@@ -40,7 +40,7 @@ def test_history_builds_state_without_decisions_then_decisions_use_it(reference)
   records += [_raw(3, h.message(h.tx_record(3, h.T0 + 3 * h.HOUR_MS))), _raw(4, b"\x07junk")]
   with TestPipeline() as p:
     out = (p | beam.Create(records)
-           | DecideLive(None, "tx", "lb", {("tx", 0): 3, ("lb", 0): 0}, reference, batch_size=1))
+           | DecideLive(None, "tx", "lb", {("tx", 0): 3, ("lb", 0): 0}, reference))
     assert_that(h.flat(out.decisions, "Features", "transaction_id", "customer_id_nb_tx_1day_window",
                        "terminal_id_known_frauds_30day"), equal_to([("tx-00003", 4.0, 1.0)]), label="decided")
     assert_that(h.flat(out.dead_letters, "Dead", "source", "reason"), equal_to([("tx/0@4", "bad_magic_byte")]),
@@ -75,7 +75,7 @@ class _Committer:
 
 
 def test_bundle_finalizer_commits_what_the_bundle_decided_never_replayed_offsets(reference):
-  fn = DecideLive(None, "tx", None, {("tx", 0): 2, ("tx", 1): 0}, reference, batch_size=1)._fn
+  fn = DecideLive(None, "tx", None, {("tx", 0): 2, ("tx", 1): 0}, reference)._fn
   fn.setup()
   fn._committer = committer = _Committer()  # pylint: disable=protected-access
   for records in ([_raw(0, h.message(h.tx_record(0, h.T0)))],  # replayed history only
@@ -98,7 +98,7 @@ def test_a_new_model_matching_the_watch_pattern_replaces_the_current_one(referen
   x = rng.random((200, len(FEATURE_NAMES)), dtype=np.float32) * 100
   model = xgboost.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1).fit(x, x[:, 0] > 50)
   model.save_model(str(tmp_path / "m.json"))
-  fn = DecideLive(None, "tx", None, {}, reference, batch_size=1,
+  fn = DecideLive(None, "tx", None, {}, reference,
                   model_watch_pattern=str(tmp_path / "models" / "*" / "model.json"), model_check_s=0)._fn
   fn.setup()
   bundled = fn._model.version  # pylint: disable=protected-access

@@ -77,10 +77,9 @@ class LiveOptions(PipelineOptions):
                              "offsets before deciding (default); none: start with empty state.")
     parser.add_argument("--progress_interval_s", type=float, default=10.0,
                         help="Log decisions/s and produce-to-decision latency this often.")
-    parser.add_argument("--live_batch_size", type=int, default=256,
-                        help="Score at most this many transactions per model call.")
-    parser.add_argument("--live_max_delay_ms", type=int, default=20,
-                        help="Score a partial batch once its oldest transaction has waited this long.")
+    parser.add_argument("--live_batch_size", type=int, default=2000,
+                        help="Fetch and decide at most this many records of a partition at a time (each fetch "
+                             "is decided as soon as it arrives).")
     parser.add_argument("--live_checkpoint_ms", type=int, default=20,
                         help="The reader ends a bundle (sinks flush, offsets commit) at least this often "
                              "per partition.")

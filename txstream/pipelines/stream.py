@@ -62,9 +62,8 @@ def check_config(options) -> KafkaConfig:
     raise ConfigError("--kafka_stop_at/--kafka_stop_time_ms make a bounded run: use `txstream run`")
   if live.duration_s is not None and live.duration_s <= 0:
     raise ConfigError("--duration_s must be positive")
-  if (live.live_batch_size < 1 or live.progress_interval_s <= 0 or live.live_max_delay_ms < 0
-      or live.live_checkpoint_ms < 1):
-    raise ConfigError("--live_batch_size and --live_checkpoint_ms must be >= 1, --live_max_delay_ms >= 0 and "
+  if live.live_batch_size < 1 or live.progress_interval_s <= 0 or live.live_checkpoint_ms < 1:
+    raise ConfigError("--live_batch_size and --live_checkpoint_ms must be >= 1 and "
                       "--progress_interval_s positive")
   if is_direct(options):
     if flags.kafka_io != "native":
@@ -111,10 +110,10 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   score = options.view_as(ScoreOptions)
   decide = DecideLive(config, transactions, labels, decide_from, src.reference_dir, score.model_dir, score.rules,
                       src.schema_registry_url, options.view_as(FeatureOptions).terminal_delay_days,
-                      live.live_batch_size, live.progress_interval_s, read_from=starts,
-                      max_delay_ms=live.live_max_delay_ms, model_watch_pattern=score.model_watch_pattern)
+                      live.progress_interval_s, read_from=starts, model_watch_pattern=score.model_watch_pattern)
   out = (pipeline
-         | "ReadKafka" >> ReadPartitionsLive(config, starts, checkpoint_interval_s=live.live_checkpoint_ms / 1000)
+         | "ReadKafka" >> ReadPartitionsLive(config, starts, batch_size=live.live_batch_size,
+                                             checkpoint_interval_s=live.live_checkpoint_ms / 1000)
          | "DecideLive" >> decide)
   # No Flatten: a Flatten with an input from another stage (WriteTiers' empty
   # "no rejects" Create) would put what follows behind a stage boundary,

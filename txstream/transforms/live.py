@@ -58,21 +58,46 @@ class LiveResult(NamedTuple):
   dead_letters: beam.PCollection  # DeadLetterBatch
 
 
+class LatencyHistogram:
+  """Millisecond latencies counted in 1 ms buckets (the last bucket holds everything longer)."""
+  def __init__(self, max_ms: int = 60_000):
+    self.counts = np.zeros(max_ms + 1, dtype=np.int64)
+
+  def add(self, latencies_ms: np.ndarray) -> None:
+    self.counts += np.bincount(np.clip(latencies_ms.astype(np.int64), 0, len(self.counts) - 1),
+                               minlength=len(self.counts))
+
+  def percentiles(self, *ps: float) -> List[int]:
+    total = int(self.counts.sum())
+    cumulative = np.cumsum(self.counts)
+    return [int(np.searchsorted(cumulative, max(1, np.ceil(p / 100 * total)))) for p in ps]
+
+  def __len__(self) -> int:
+    return int(self.counts.sum())
+
+
 class _Progress:
-  """Decisions per second and produce-to-decision latency, logged every ``interval_s``."""
+  """Decisions per second and latencies, logged every ``interval_s``; the whole run's at the end.
+
+  Two latencies: produce-to-decision (from the record's broker timestamp, so
+  it includes the producer's linger and the broker) and in-process (from the
+  moment the record's batch reached this stage to the decision).
+  """
   def __init__(self, interval_s: float):
     self._interval_s = interval_s
     self._latencies: List[np.ndarray] = []
     self._decided = 0
     self._replayed = 0
     self._since = time.monotonic()
+    self.in_process = LatencyHistogram()
 
   def replayed(self, n: int):
     self._replayed += n
 
-  def decided(self, latencies_ms: np.ndarray):
+  def decided(self, latencies_ms: np.ndarray, in_process_ms: np.ndarray):
     self._decided += len(latencies_ms)
     self._latencies.append(latencies_ms)
+    self.in_process.add(in_process_ms)
 
   def tick(self):
     """Logs the last interval once it is over (called per decision batch and per bundle, so idle shows too)."""
@@ -81,12 +106,20 @@ class _Progress:
       return
     if self._decided:
       p50, p99 = np.percentile(np.concatenate(self._latencies), [50, 99])
-      latency = f"produce-to-decision p50 {p50:.0f} ms p99 {p99:.0f} ms"
+      run_p50, run_p99 = self.in_process.percentiles(50, 99)
+      latency = (f"produce-to-decision p50 {p50:.0f} ms p99 {p99:.0f} ms; in-process (fetched -> decided) over "
+                 f"the run p50 {run_p50} ms p99 {run_p99} ms")
     else:
       latency = "no traffic"
     _LOGGER.info("live: %d decisions in %.0f s (%.0f/s), %s; %d history records replayed", self._decided,
                  now - self._since, self._decided / (now - self._since), latency, self._replayed)
     self._latencies, self._decided, self._replayed, self._since = [], 0, 0, now
+
+  def final(self) -> None:
+    if len(self.in_process):
+      p50, p99, top = self.in_process.percentiles(50, 99, 100)
+      _LOGGER.info("live: in-process latency (record fetched -> decision produced) over the run: p50 %d ms "
+                   "p99 %d ms max %d ms (%d decisions)", p50, p99, top, len(self.in_process))
 
 
 class _Pending:
@@ -94,33 +127,31 @@ class _Pending:
   def __init__(self):
     self.tables: List[pa.Table] = []
     self.produced: List[np.ndarray] = []
+    self.fetched: List[np.ndarray] = []
     self.rows = 0
-    self.oldest: Optional[float] = None
 
-  def add(self, table: pa.Table, produced_ms: np.ndarray) -> None:
-    if self.oldest is None:
-      self.oldest = time.monotonic()
+  def add(self, table: pa.Table, produced_ms: np.ndarray, fetched_ms: float) -> None:
     self.tables.append(table)
     self.produced.append(produced_ms)
+    self.fetched.append(np.full(table.num_rows, fetched_ms))
     self.rows += table.num_rows
 
-  def take(self) -> Tuple[pa.Table, np.ndarray]:
-    table, produced = FeaturedBatch.concat([FeaturedBatch(t) for t in self.tables]).table, np.concatenate(
-        self.produced)
-    self.tables, self.produced, self.rows, self.oldest = [], [], 0, None
-    return table, produced
+  def take(self) -> Tuple[pa.Table, np.ndarray, np.ndarray]:
+    table = FeaturedBatch.concat([FeaturedBatch(t) for t in self.tables]).table
+    produced, fetched = np.concatenate(self.produced), np.concatenate(self.fetched)
+    self.tables, self.produced, self.fetched, self.rows = [], [], [], 0
+    return table, produced, fetched
 
 
 class _DecideLiveFn(beam.DoFn):
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str],
-               rules_path: Optional[str], registry_url: Optional[str], delay_days: int, batch_size: int,
+               rules_path: Optional[str], registry_url: Optional[str], delay_days: int,
                progress_interval_s: float, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
-               max_delay_ms: int = 20, model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
+               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
     self._config = config
     self._model_watch_pattern = model_watch_pattern
     self._model_check_s = model_check_s
-    self._max_delay_s = max_delay_ms / 1000.0
     # Partitions with history to replay before their first decision.
     self._replay = {tp for tp, start in (read_from or {}).items() if start < decide_from.get(tp, 0)}
     self._transactions_topic = transactions_topic
@@ -131,7 +162,6 @@ class _DecideLiveFn(beam.DoFn):
     self._rules_path = rules_path
     self._registry_url = registry_url
     self._delay_days = delay_days
-    self._batch_size = batch_size
     self._progress_interval_s = progress_interval_s
     self._latency = Metrics.distribution(contracts.NAMESPACE, "produce_to_decision_ms")
     self._committed = Metrics.counter(contracts.NAMESPACE, "live.offset_commits")
@@ -183,6 +213,9 @@ class _DecideLiveFn(beam.DoFn):
     _LOGGER.info("live: model %s loaded from %s (was %s)", model.version, newest.path, previous)
 
   def teardown(self):
+    progress = getattr(self, "_progress", None)
+    if progress is not None:
+      progress.final()
     committer, self._committer = getattr(self, "_committer", None), None
     if committer is not None:
       committer.close()
@@ -193,6 +226,7 @@ class _DecideLiveFn(beam.DoFn):
     self._finalizer_registered = False
 
   def process(self, batch: RawBatch, finalizer=beam.DoFn.BundleFinalizerParam):
+    fetched_ms = time.time() * 1000  # fused with the reader: the batch was fetched just now
     if not self._finalizer_registered:
       finalizer.register(functools.partial(self._commit, self._offsets))
       self._finalizer_registered = True
@@ -215,14 +249,14 @@ class _DecideLiveFn(beam.DoFn):
       self._offsets[(topic, partition)] = last + 1  # never a replayed one: it would move the group back
     is_label = topic == self._labels_topic
     counting.inc("labels_in" if is_label else "events_in", table.num_rows - replayed)
-    dead = self._labels_batch(table) if is_label else self._transactions_batch(table)
+    dead = self._labels_batch(table) if is_label else self._transactions_batch(table, fetched_ms)
     if dead.num_rows:
       yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
-    if self._pending.rows >= self._batch_size or (
-        self._pending.oldest is not None and time.monotonic() - self._pending.oldest >= self._max_delay_s):
-      yield from self._decide()
+    # Decided at once: a fetch is already a batch (a few records at a trickle, thousands under load), and
+    # waiting for more would add the reader's next poll to every decision's latency.
+    yield from self._decide()
 
-  def _transactions_batch(self, raw: pa.Table) -> pa.Table:
+  def _transactions_batch(self, raw: pa.Table, fetched_ms: float) -> pa.Table:
     """Decodes, enriches and features a batch; queues its own rows for the model; returns its dead letters."""
     tx, decode_dead = decode.decode_transactions(raw, self._transactions)
     counting.inc("decode_valid", tx.num_rows)
@@ -236,8 +270,7 @@ class _DecideLiveFn(beam.DoFn):
     featured = features.featured
     own = featured.filter(pa.compute.invert(featured.column("history")))
     if own.num_rows:
-      produced = _produced_ms(raw, own.column("source"))
-      self._pending.add(own, produced)
+      self._pending.add(own, _produced_ms(raw, own.column("source")), fetched_ms)
     return dead
 
   def _labels_batch(self, raw: pa.Table) -> pa.Table:
@@ -250,15 +283,16 @@ class _DecideLiveFn(beam.DoFn):
     if not self._pending.rows:
       self._progress.tick()
       return
-    featured, produced = self._pending.take()
+    featured, produced, fetched = self._pending.take()
     decisions = decide.decide(featured, self._model.predict(decide.feature_matrix(featured)), self._model.version,
                               self._rules)
     counting.inc("scored", decisions.num_rows)
     counting.values(decisions, "decision", "decision")
-    latencies = np.maximum(0, decisions.column("decided_at_ms").to_numpy() - produced)
+    decided_at = decisions.column("decided_at_ms").to_numpy()
+    latencies = np.maximum(0, decided_at - produced)
     for latency in latencies.tolist():
       self._latency.update(latency)
-    self._progress.decided(latencies)
+    self._progress.decided(latencies, np.maximum(0, decided_at - fetched))
     self._progress.tick()
     yield DecisionBatch(decisions)
 
@@ -306,16 +340,15 @@ class DecideLive(beam.PTransform[beam.PCollection[RawBatch], LiveResult]):
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str] = None,
                rules_path: Optional[str] = None, registry_url: Optional[str] = None, delay_days: int = 7,
-               batch_size: int = 256, progress_interval_s: float = 10.0,
-               read_from: Optional[Mapping[Tuple[str, int], int]] = None, max_delay_ms: int = 20,
+               progress_interval_s: float = 10.0, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
                model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
     super().__init__()
     self._meta = artifacts.load_metadata(model_dir, contracts.FEATURE_NAMES)
     rules_lib.load_rules(rules_path)
     load_reference(reference_dir)
     self._fn = _DecideLiveFn(config, transactions_topic, labels_topic, decide_from, reference_dir, model_dir,
-                             rules_path, registry_url, delay_days, batch_size, progress_interval_s, read_from,
-                             max_delay_ms, model_watch_pattern, model_check_s)
+                             rules_path, registry_url, delay_days, progress_interval_s, read_from,
+                             model_watch_pattern, model_check_s)
 
   @property
   def model_version(self) -> str:
