@@ -133,10 +133,9 @@ def test_buffer_writes_by_bytes():
 
 
 def test_feature_positions_are_the_feature_block_of_the_decision_schema():
-  # DECISION names home_distance twice (the transaction's, then the feature): sinks go by position.
   names = contracts.DECISION.names
   assert tuple(names[p] for p in FEATURE_POSITIONS) == contracts.FEATURE_COLUMNS
-  assert names.index("home_distance") < FEATURE_POSITIONS[0]
+  assert names.count("home_distance") == 1
 
 
 def test_refuse_nulls_splits_off_rows_with_a_null_where_the_store_needs_a_value():
