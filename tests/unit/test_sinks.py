@@ -266,3 +266,41 @@ def test_sinks_return_typed_results_without_connecting():
 def test_bad_batch_limits_fail_at_construction(make):
   with pytest.raises(SinkConfigError):
     make()
+
+
+def test_pg_copy_writes_postgresql_binary_copy_rows():
+  import struct
+  import numpy as np
+  from txstream.io import pg_copy
+  ints = pg_copy.fixed([pg_copy.scalar(np.array([7, -1]), pg_copy.INT4), pg_copy.date(np.array([0, 86_400_000]))])
+  texts = pg_copy.text(pa.array(["é\x00", None]))
+  blobs = pg_copy.text(pa.array([b"\x00\x01", b""]))
+  lists = pg_copy.text_array(pa.array([["a", "bc"], None], pa.list_(pa.string())))
+  floats = pg_copy.fixed([pg_copy.float8_array(np.array([[1.5, -2.0], [0.0, 3.0]]))])
+  got = pg_copy.stream([ints, texts, blobs, lists, floats], 6)
+
+  def field(payload):
+    return struct.pack(">i", len(payload)) + payload
+
+  def float_array(values):
+    return field(struct.pack(">5i", 1, 0, 701, len(values), 1) + b"".join(field(struct.pack(">d", v)) for v in values))
+
+  text_array = struct.pack(">5i", 1, 0, 25, 2, 1) + field(b"a") + field(b"bc")
+  rows = [
+      struct.pack(">h", 6) + field(struct.pack(">i", 7)) + field(struct.pack(">i", -10_957))
+      + field("é\ufffd".encode()) + field(b"\x00\x01") + field(text_array) + float_array([1.5, -2.0]),
+      struct.pack(">h", 6) + field(struct.pack(">i", -1)) + field(struct.pack(">i", -10_956))
+      + struct.pack(">i", -1) + field(b"") + field(struct.pack(">3i", 0, 0, 25)) + float_array([0.0, 3.0]),
+  ]
+  assert got == b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows) + b"\xff\xff"
+  assert pg_copy.stream([pg_copy.text(pa.array([], pa.string()))], 1) == b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"\xff\xff"
+
+
+def test_pg_copy_timestamps_and_nullable_numbers():
+  import struct
+  import numpy as np
+  from txstream.io import pg_copy
+  stamps = pg_copy.fixed([pg_copy.timestamptz(np.array([946_684_800_001]))])  # 2000-01-01T00:00:00.001Z
+  numbers = pg_copy.nullable(pa.array([None, 2.5]), pg_copy.FLOAT8)
+  assert stamps.to_pylist() == [struct.pack(">ii", 8, 0) + struct.pack(">i", 1000)]
+  assert numbers.to_pylist() == [b"\xff\xff\xff\xff", struct.pack(">id", 8, 2.5)]
