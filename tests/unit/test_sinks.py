@@ -304,3 +304,48 @@ def test_pg_copy_timestamps_and_nullable_numbers():
   numbers = pg_copy.nullable(pa.array([None, 2.5]), pg_copy.FLOAT8)
   assert stamps.to_pylist() == [struct.pack(">ii", 8, 0) + struct.pack(">i", 1000)]
   assert numbers.to_pylist() == [b"\xff\xff\xff\xff", struct.pack(">id", 8, 2.5)]
+
+
+def _leb128(n: int) -> bytes:
+  out = b""
+  while True:
+    n, low = n >> 7, n & 0x7F
+    if not n:
+      return out + bytes([low])
+    out += bytes([low | 0x80])
+
+
+def test_ch_native_varints_and_block():
+  import struct
+  import numpy as np
+  from txstream.io import ch_native
+  values = [0, 1, 127, 128, 300, 16_383, 16_384, 2 ** 21, 2 ** 35, 2 ** 63]
+  assert ch_native.varints(np.array(values, dtype=np.uint64)).to_pylist() == [_leb128(v) for v in values]
+  assert ch_native.varints(np.array([5, 0], dtype=np.uint64)).to_pylist() == [b"\x05", b"\x00"]
+
+  long = "é" * 100  # 200 bytes: a two-byte length
+  got = ch_native.block([
+      ("n", "Int64", ch_native.numbers(np.array([1, -2]), "<i8")),
+      ("s", "String", ch_native.strings(pa.array(["a", long]))),
+      ("o", "Nullable(String)", ch_native.nullable_strings(pa.array([None, "b"]))),
+      ("m", "Nullable(Int32)", ch_native.nullable_numbers(pa.array([7, None], pa.int32()), "<i4")),
+      ("l", "Array(String)", ch_native.string_arrays(pa.array([["x", "yz"], None], pa.list_(pa.string())))),
+      ("e", "Enum8('a' = 1, 'b' = 2)", ch_native.enum8(pa.array(["b", "a"]), ["a", "b"], [1, 2])),
+  ], 2)
+
+  def string(text):
+    data = text.encode() if isinstance(text, str) else text
+    return _leb128(len(data)) + data
+
+  def column(name, type_name, data):
+    return string(name) + string(type_name) + data
+
+  assert got == b"".join([
+      b"\x06\x02",
+      column("n", "Int64", struct.pack("<2q", 1, -2)),
+      column("s", "String", string("a") + string(long)),
+      column("o", "Nullable(String)", b"\x01\x00" + string("") + string("b")),
+      column("m", "Nullable(Int32)", b"\x00\x01" + struct.pack("<2i", 7, 0)),
+      column("l", "Array(String)", struct.pack("<2Q", 2, 2) + string("x") + string("yz")),
+      column("e", "Enum8('a' = 1, 'b' = 2)", bytes([2, 1])),
+  ])
