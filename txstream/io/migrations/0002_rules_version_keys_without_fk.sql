@@ -3,9 +3,9 @@
 -- decisions.rules_version: the version (content hash) of the rules file that
 -- decided the row; NULL for rows written before it was recorded.
 --
--- The foreign key from decisions to decision_keys is dropped: it cost a
--- per-row trigger (an index probe and a row lock, ~9 us a row, the largest
--- single cost of a write) and made COPY into decisions route rows one by one.
+-- The foreign key from decisions to decision_keys is dropped: its per-row
+-- trigger (an index probe and a row lock, ~10 us a row of server CPU) was the
+-- largest single cost of a write.
 -- transaction_id stays unique across day partitions by the writer's protocol,
 -- in one transaction per batch: insert the batch's keys first (ON CONFLICT DO
 -- NOTHING, or a COPY that fails on a stored key), write only the decisions
