@@ -22,8 +22,9 @@ Batches are inserted over the HTTP interface as ``FORMAT Native`` blocks
 built column-wise (``txstream.io.ch_native``) of up to ``batch_size`` rows
 (default 100,000). ClickHouse makes one part per insert and month, and a
 part costs the server a fixed ~60 ms (measured on 18.16: mostly kernel time
-creating its ~90 files), so the default is large: 10,000-row inserts top
-out near 60-80k rows/s on the local server, 100,000-row ones near 400k.
+creating its ~90 files), so the default is large: on the local server,
+10,000-row inserts top out at 40-80k rows/s, 100,000-row ones at 170-500k
+(depending on the machine's load).
 Table creation, preflight and the dashboard queries use the native protocol
 (clickhouse-driver).
 
