@@ -349,3 +349,22 @@ def test_ch_native_varints_and_block():
       column("l", "Array(String)", struct.pack("<2Q", 2, 2) + string("x") + string("yz")),
       column("e", "Enum8('a' = 1, 'b' = 2)", bytes([2, 1])),
   ])
+
+
+def test_redact_hides_passwords_in_urls_and_dsns():
+  from txstream.io.sinks import redact
+  assert redact("clickhouse://ann:s3cr%40t@h:9000/db?http_port=1") == "clickhouse://ann:***@h:9000/db?http_port=1"
+  assert redact("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+  assert redact("host=h password='a b\\' c' user=u") == "host=h password=*** user=u"
+  assert redact("postgresql://u@h/db?sslmode=require&password=pw&x=1") == (
+      "postgresql://u@h/db?sslmode=require&password=***&x=1")
+  assert redact("host=h dbname=d") == "host=h dbname=d"
+
+
+@pytest.mark.parametrize("make", [lambda: WriteToRedis("redis://:hunter2@127.0.0.1:notaport/0"),
+                                  lambda: WriteToPostgres("host=127.0.0.1 password=hunter2 this is not a dsn"),
+                                  lambda: WriteToClickHouse("clickhouse://u:hunter2@127.0.0.1:9000/bad-name")])
+def test_configuration_errors_never_show_a_password(make):
+  with pytest.raises(SinkConfigError) as info:
+    make()
+  assert "hunter2" not in str(info.value) and "***" in str(info.value)

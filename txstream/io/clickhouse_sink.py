@@ -117,7 +117,7 @@ class ClickHouseTarget:
       raise SinkConfigError("a ClickHouse URL is required, e.g. clickhouse://127.0.0.1:9000/txstream")
     parts = urlsplit(url)
     if parts.scheme not in ("clickhouse", "clickhouses"):
-      raise SinkConfigError(f"ClickHouse URL {url!r}: scheme must be clickhouse:// (native protocol)")
+      raise SinkConfigError(f"ClickHouse URL {sinks.redact(url)!r}: scheme must be clickhouse:// (native protocol)")
     self.secure = parts.scheme == "clickhouses"
     try:
       self.port = parts.port or (9440 if self.secure else 9000)
@@ -127,13 +127,14 @@ class ClickHouseTarget:
         raise ValueError(f"unknown parameter {sorted(unknown)[0]!r} (only http_port)")
       self.http_port = int(query.get("http_port", [8443 if self.secure else 8123])[-1])
     except ValueError as error:
-      raise SinkConfigError(f"ClickHouse URL {url!r}: {error}") from None
+      raise SinkConfigError(f"ClickHouse URL {sinks.redact(url)!r}: {error}") from None
     if not parts.hostname:
-      raise SinkConfigError(f"ClickHouse URL {url!r}: no host")
+      raise SinkConfigError(f"ClickHouse URL {sinks.redact(url)!r}: no host")
     self.host = parts.hostname
     self.database = parts.path.strip("/") or "default"
     if not _NAME.match(self.database):
-      raise SinkConfigError(f"ClickHouse URL {url!r}: database name {self.database!r} is not a plain identifier")
+      raise SinkConfigError(f"ClickHouse URL {sinks.redact(url)!r}: database name {self.database!r} "
+                            "is not a plain identifier")
     self.user = unquote(parts.username) if parts.username else "default"
     self.password = unquote(parts.password) if parts.password else ""
 

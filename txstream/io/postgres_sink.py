@@ -121,7 +121,7 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
   try:
     return psycopg2.extensions.parse_dsn(dsn)
   except psycopg2.ProgrammingError as error:
-    raise SinkConfigError(f"PostgreSQL DSN {dsn!r} is invalid: {sinks.one_line(error)}") from None
+    raise SinkConfigError(f"PostgreSQL DSN {sinks.redact(dsn)!r} is invalid: {sinks.one_line(error)}") from None
 
 
 def connect(dsn: str, connect_timeout_s: int = 10):

@@ -214,16 +214,16 @@ def _check_url(url: str) -> None:
     raise SinkConfigError("a Redis URL is required, e.g. redis://127.0.0.1:6379/0")
   parts = urlsplit(url)
   if parts.scheme not in _SCHEMES:
-    raise SinkConfigError(f"Redis URL {url!r}: scheme must be one of {', '.join(_SCHEMES)}")
+    raise SinkConfigError(f"Redis URL {sinks.redact(url)!r}: scheme must be one of {', '.join(_SCHEMES)}")
   try:
     parts.port  # pylint: disable=pointless-statement
   except ValueError as error:
-    raise SinkConfigError(f"Redis URL {url!r}: {error}") from None
+    raise SinkConfigError(f"Redis URL {sinks.redact(url)!r}: {error}") from None
   if parts.scheme != "unix" and not parts.hostname:
-    raise SinkConfigError(f"Redis URL {url!r}: no host")
+    raise SinkConfigError(f"Redis URL {sinks.redact(url)!r}: no host")
   db = parts.path.lstrip("/")
   if db and not db.isdigit():
-    raise SinkConfigError(f"Redis URL {url!r}: database must be a number, got {db!r}")
+    raise SinkConfigError(f"Redis URL {sinks.redact(url)!r}: database must be a number, got {db!r}")
 
 
 def _client(url: str, timeout_s: float, single_connection: bool = False) -> redis.Redis:
