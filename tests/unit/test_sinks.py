@@ -293,7 +293,8 @@ def test_pg_copy_writes_postgresql_binary_copy_rows():
       + struct.pack(">i", -1) + field(b"") + field(struct.pack(">3i", 0, 0, 25)) + float_array([0.0, 3.0]),
   ]
   assert got == b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows) + b"\xff\xff"
-  assert pg_copy.stream([pg_copy.text(pa.array([], pa.string()))], 1) == b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"\xff\xff"
+  empty = pg_copy.stream([pg_copy.text(pa.array([], pa.string()))], 1)
+  assert empty == b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"\xff\xff"
 
 
 def test_pg_copy_timestamps_and_nullable_numbers():
