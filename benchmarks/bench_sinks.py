@@ -13,10 +13,14 @@ Every figure is the median of ``--repeats`` runs (best in ``best_rows_per_s``);
 each run writes fresh transaction ids into a scratch store it empties first
 (Redis db 14, PostgreSQL database ``txstream_bench``, ClickHouse database
 ``txstream_bench``), and everything is emptied at the end. Sinks use their
-default batch sizes (Redis 1,000, PostgreSQL 5,000, ClickHouse 20,000 rows).
+default batch sizes (Redis 10,000, PostgreSQL 10,000, ClickHouse 100,000 rows).
+``--customers`` (default 10,000) sets how many customers the rows spread
+over: at 10,000, a 10,000-row batch holds one row per customer, the Redis
+tier's worst case (three recent-set commands for every decision).
 
     .venv/bin/python benchmarks/bench_sinks.py --rows 100000
     .venv/bin/python benchmarks/bench_sinks.py --rows 20000 --sinks redis,postgres --modes dofn
+    .venv/bin/python benchmarks/bench_sinks.py --sinks redis --customers 1000   # 10 rows per customer per batch
 """
 import argparse
 import json
@@ -46,8 +50,7 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=txstream_bench"
 CH_URL = "clickhouse://127.0.0.1:9000/txstream_bench"
-# 10,000 customers: in a 10,000-row batch most customers have one row, the Redis tier's worst case.
-CUSTOMERS, DAYS = 10_000, 30
+DAYS = 30
 
 
 def reset(sink: str) -> None:
@@ -90,13 +93,14 @@ def bench_dofn(sink: str, batches: List[DecisionBatch]) -> float:
 
 
 def _generate(args) -> List[DecisionBatch]:
-  chunk, rows, prefix = args
-  return make_decisions(rows, prefix=f"{prefix}-{chunk}", customers=CUSTOMERS, days=DAYS)
+  chunk, rows, prefix, customers = args
+  return make_decisions(rows, prefix=f"{prefix}-{chunk}", customers=customers, days=DAYS)
 
 
-def _pipeline_seconds(rows: int, batch_rows: int, prefix: str, sink_transform) -> float:
+def _pipeline_seconds(rows: int, batch_rows: int, customers: int, prefix: str, sink_transform) -> float:
   """Batches generated inside the pipeline (no coder round trip through Create), then the sink."""
-  chunks = [(i, min(batch_rows, rows - i * batch_rows), prefix) for i in range((rows + batch_rows - 1) // batch_rows)]
+  chunks = [(i, min(batch_rows, rows - i * batch_rows), prefix, customers)
+            for i in range((rows + batch_rows - 1) // batch_rows)]
   p = beam.Pipeline(runner=fn_runner.FnApiRunner(), options=PipelineOptions([]))
   batches = p | beam.Create(chunks) | beam.FlatMap(_generate).with_output_types(DecisionBatch)
   _ = batches | sink_transform
@@ -105,12 +109,12 @@ def _pipeline_seconds(rows: int, batch_rows: int, prefix: str, sink_transform) -
   return time.perf_counter() - start
 
 
-def bench_pipeline(sink: str, rows: int, batch_rows: int, run: int) -> Tuple[float, float]:
+def bench_pipeline(sink: str, rows: int, batch_rows: int, customers: int, run: int) -> Tuple[float, float]:
   """(seconds with the sink, seconds of the same pipeline with a no-op in its place)."""
   t = transform(sink)
   t.preflight()
-  with_sink = _pipeline_seconds(rows, batch_rows, f"pipeline{run}", t)
-  baseline = _pipeline_seconds(rows, batch_rows, f"baseline{run}", beam.Map(lambda b: None))
+  with_sink = _pipeline_seconds(rows, batch_rows, customers, f"pipeline{run}", t)
+  baseline = _pipeline_seconds(rows, batch_rows, customers, f"baseline{run}", beam.Map(lambda b: None))
   return with_sink, baseline
 
 
@@ -119,6 +123,7 @@ def main(argv=None) -> None:
   parser.add_argument("--rows", type=int, default=100_000)
   parser.add_argument("--batch_rows", type=int, default=10_000, help="rows per DecisionBatch element")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--customers", type=int, default=10_000, help="customers the rows spread over")
   parser.add_argument("--sinks", default="redis,postgres,clickhouse")
   parser.add_argument("--modes", default="dofn,pipeline")
   args = parser.parse_args(argv)
@@ -128,11 +133,11 @@ def main(argv=None) -> None:
       for run in range(args.repeats):
         reset(sink)
         if mode == "dofn":
-          batches = make_decisions(args.rows, prefix=f"dofn{run}", customers=CUSTOMERS, days=DAYS,
+          batches = make_decisions(args.rows, prefix=f"dofn{run}", customers=args.customers, days=DAYS,
                                    batch_rows=args.batch_rows)
           runs.append((bench_dofn(sink, batches), 0.0))
         else:
-          runs.append(bench_pipeline(sink, args.rows, args.batch_rows, run))
+          runs.append(bench_pipeline(sink, args.rows, args.batch_rows, args.customers, run))
       seconds = statistics.median(s for s, _ in runs)
       figures = {"seconds": round(seconds, 3), "rows_per_s": round(args.rows / seconds),
                  "best_rows_per_s": round(args.rows / min(s for s, _ in runs))}
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
         sink_rates = [args.rows / max(s - b, 1e-9) for s, b in runs]
         figures.update(baseline_seconds=round(baseline, 3), sink_rows_per_s=round(statistics.median(sink_rates)))
       print(json.dumps({"sink": sink, "mode": mode, "rows": args.rows, "batch_rows": args.batch_rows,
-                        "repeats": args.repeats, **figures}), flush=True)
+                        "customers": args.customers, "repeats": args.repeats, **figures}), flush=True)
     reset(sink)  # leave no scratch data behind
   print("command: .venv/bin/python benchmarks/bench_sinks.py " + " ".join(argv or sys.argv[1:]))
 

@@ -6,8 +6,9 @@
 
 Generates the input once (``data/outage/gen-<days>d-<customers>c``; 5,000
 customers make about 9,700 events a day, so 21 days is about 200k events).
-Puts a ``tests/tcp_proxy.TcpProxy`` in front of Redis, PostgreSQL, ClickHouse
-and S3 (moto), and runs the real command line in a subprocess with all four
+Puts a ``tests/tcp_proxy.TcpProxy`` in front of Redis, PostgreSQL, ClickHouse's
+HTTP port (the analytics tier inserts there; start-up DDL goes to the native
+port directly) and S3 (moto), and runs the real command line in a subprocess with all four
 tiers (and the dead-letter files) pointed at the proxies, into scratch stores
 made for this run: a Redis database that was empty (claimed with a marker
 key), a new PostgreSQL database, a new ClickHouse database and a new bucket.
@@ -200,7 +201,8 @@ def _run_command(input_dir: str, out: str, stores: Stores, proxies: Dict[str, Tc
       "run", f"--input={input_dir}", f"--summary_json={out}/summary.json",
       f"--redis_url=redis://{p['redis']}/{stores.redis_db}",
       f"--postgres_dsn=host={pg_host} port={pg_port} user=postgres dbname={stores.name}",
-      f"--clickhouse_url=clickhouse://{p['clickhouse']}/{stores.name}",
+      f"--clickhouse_url=clickhouse://{stores.ep['clickhouse'].host}:{stores.ep['clickhouse'].port}/{stores.name}"
+      f"?http_port={proxies['clickhouse'].port}",
       f"--cold_path=s3://{stores.bucket}/cold", f"--dead_letter_path=s3://{stores.bucket}/dead",
       f"--s3_endpoint_url=http://{p['s3']}", f"--s3_access_key_id={S3_KEYS['access_key_id']}",
       f"--s3_secret_access_key={S3_KEYS['secret_access_key']}", f"--s3_region_name={S3_KEYS['region_name']}"]
@@ -270,10 +272,11 @@ def main(argv=None) -> int:
   out = os.path.join(args.out, suffix)
   os.makedirs(out, exist_ok=True)
   stores = Stores(endpoints, suffix)
-  # Hot counts Redis keys: a hash per transaction plus a recent-set per customer.
+  # Hot counts Redis keys: a value per transaction plus a recent-set per customer.
   expected = {"hot": events + args.customers, "warm": events, "analytics": events, "cold": args.days * 24}
   cuts = {t: Cut(t, max(1, int(CUT_AT[t] * expected[t]))) for t in to_cut}
-  proxies = {n: TcpProxy(endpoints[n].host, endpoints[n].port).start() for n in SERVER_OF.values()}
+  ports = {n: services.CLICKHOUSE_HTTP_PORT if n == "clickhouse" else endpoints[n].port for n in SERVER_OF.values()}
+  proxies = {n: TcpProxy(endpoints[n].host, ports[n]).start() for n in SERVER_OF.values()}
   argv_run = _run_command(input_dir, out, stores, proxies)
   log_path = os.path.join(out, "run.log")
   try:

@@ -20,9 +20,7 @@ DECISIONS = ("approve", "review", "decline")
 REASONS = ((), ("HIGH_AMOUNT",), ("NIGHT", "FAR_FROM_HOME"))
 FAST_RETRY = RetryPolicy(initial_s=0.05, max_s=0.5, deadline_s=30.0, breaker_failures=5, breaker_cool_down_s=0.5)
 FEATURES = contracts.FEATURE_COLUMNS
-# DECISION holds two columns named home_distance (the enriched transaction's, then the feature):
-# columns are addressed by position.
-_TX_HOME_DISTANCE = column_position("home_distance")
+_HOME_DISTANCE = column_position("home_distance")  # the HOME_DISTANCE feature; -1.0 when not on file
 
 
 def decision_table(n: int, prefix: str = "tx", customers: int = 5, days: int = 3, start_ms: int = T0,
@@ -30,7 +28,8 @@ def decision_table(n: int, prefix: str = "tx", customers: int = 5, days: int = 3
   """``n`` decisions spread over ``days`` event days and ``customers`` customers, as one table.
 
   Includes the awkward values a sink must carry: None optionals, tabs,
-  backslashes and quotes in free-text fields, empty reason codes.
+  backslashes and quotes in free-text fields, empty reason codes, a
+  HOME_DISTANCE of -1 (terminal not on file) in every tenth row (i % 10 == 4).
   """
   index = range(n)
   columns = {
@@ -51,13 +50,14 @@ def decision_table(n: int, prefix: str = "tx", customers: int = 5, days: int = 3
       "decision": [DECISIONS[i % 3] for i in index],
       "reason_codes": [list(REASONS[i % 3]) for i in index],
       "model_version": ["model-1"] * n,
+      "rules_version": [None if i % 10 == 3 else "rules-1" for i in index],
       "pipeline_version": ["0.1.0"] * n,
       "decided_at_ms": [start_ms + 10 * DAY_MS + i for i in index],
   }
   arrays = []
   for position, field in enumerate(contracts.DECISION):
-    if position == _TX_HOME_DISTANCE:
-      values = [float(i) for i in index]
+    if position == _HOME_DISTANCE:
+      values = [-1.0 if i % 10 == 4 else float(i) for i in index]
     elif position in FEATURE_POSITIONS:
       k = FEATURE_POSITIONS.index(position)
       values = [float(i) + k / 4 for i in index]
@@ -83,7 +83,7 @@ def table_of(batches: Sequence[DecisionBatch]) -> pa.Table:
 
 
 def rows(batches: Sequence[DecisionBatch]) -> List[Dict]:
-  """Every row as a dict; ``home_distance`` is the transaction's, ``features`` the vector in order."""
+  """Every row as a dict, with ``features`` the feature columns as a vector in order."""
   table = table_of(batches)
   plain = [i for i in range(table.num_columns) if i not in FEATURE_POSITIONS]
   out = pa.Table.from_arrays([table.column(i) for i in plain], names=[table.schema.names[i] for i in plain]).to_pylist()
@@ -99,7 +99,7 @@ def with_values(batches: Sequence[DecisionBatch], index: int, **values) -> List[
   table = table_of(batches)
   arrays = list(table.columns)
   for name, value in values.items():
-    position = _TX_HOME_DISTANCE if name == "home_distance" else table.schema.names.index(name)
+    position = table.schema.names.index(name)
     column = arrays[position].to_pylist()
     column[index] = value
     arrays[position] = pa.array(column, table.schema.field(position).type)

@@ -1,5 +1,7 @@
 """WriteToPostgres and friends against the real PostgreSQL (services.require("postgres")), db txstream_test."""
 import datetime
+import threading
+import time
 
 import psycopg2
 import pytest
@@ -7,6 +9,8 @@ import pytest
 from tests.integration import sink_fixtures as fx
 from tests.tcp_proxy import TcpProxy
 from txstream.io import migrations
+from txstream.io import postgres_queries as queries
+from txstream.io import postgres_runs as runs
 from txstream.io import postgres_sink as pg
 from txstream.io.postgres_sink import WriteDeadLettersToPostgres, WriteToPostgres
 from txstream.io.sinks import SinkConfigError
@@ -74,8 +78,9 @@ def test_writes_decisions_into_day_partitions(conn, dsn):
                           "decisions_p20180401", "decisions_p20180402", "decisions_p20180403"]
 
   rows = fx.rows(decisions)
-  for d in (rows[0], rows[9], rows[13]):
-    row = pg.decision_by_id(conn, d["transaction_id"])
+  assert counts.get("sink.warm.upserts", 0) == 0  # all new: COPY, no staging
+  for d in (rows[0], rows[3], rows[9], rows[13]):
+    row = queries.decision_by_id(conn, d["transaction_id"])
     assert row["event_date"] == datetime.date(1970, 1, 1) + datetime.timedelta(days=d["event_time_ms"] // fx.DAY_MS)
     assert (row["event_time_ms"], row["decided_at_ms"]) == (d["event_time_ms"], d["decided_at_ms"])
     assert (row["customer_id"], row["terminal_id"], row["amount_minor"], row["currency"]) == (
@@ -84,47 +89,73 @@ def test_writes_decisions_into_day_partitions(conn, dsn):
         d["entry_mode"], d["merchant_category"], d["reference_version"])
     assert (row["score"], row["decision"], row["reason_codes"], row["features"]) == (
         d["score"], d["decision"], list(d["reason_codes"]), list(d["features"]))
-    assert (row["source"], row["card_token"], row["model_version"]) == (d["source"], d["card_token"], "model-1")
+    assert (row["source"], row["card_token"], row["model_version"], row["rules_version"]) == (
+        d["source"], d["card_token"], "model-1", d["rules_version"])
   assert rows[13]["reason_codes"] == ['QUOTE"D', "BACK\\SLASH", "A,B", "{BRACE}"]
-  assert "\t" in pg.decision_by_id(conn, "tx-00009")["source"]
-  assert pg.decision_by_id(conn, "nope") is None
+  assert rows[3]["rules_version"] is None and queries.decision_by_id(conn, "tx-00003")["rules_version"] is None
+  assert "\t" in queries.decision_by_id(conn, "tx-00009")["source"]
+  assert queries.decision_by_id(conn, "nope") is None
 
 
 def test_text_nulls_empties_and_nul_characters(conn, dsn):
   # An empty string stays an empty string (not NULL), NUL cannot be stored in text and becomes U+FFFD,
   # and a null optional stays NULL.
-  decisions = fx.with_values(fx.make_decisions(3), 1, entry_mode="", customer_segment="a\x00b",
+  # A HOME_DISTANCE of -1 (terminal not on file) is NULL in home_distance and stays -1 in the feature vector.
+  decisions = fx.with_values(fx.make_decisions(5), 1, entry_mode="", customer_segment="a\x00b",
                              reason_codes=["", "x\x00"])
-  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=3)
+  decisions = fx.with_values(decisions, 2, reason_codes=None)
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=5)
   with conn, conn.cursor() as cur:
-    cur.execute("SELECT transaction_id, entry_mode, customer_segment, reason_codes, home_distance FROM decisions "
-                "ORDER BY transaction_id")
-    assert cur.fetchall() == [("tx-00000", None, "retail", [], 0.0),
-                              ("tx-00001", "", "a\ufffdb", ["", "x\ufffd"], 1.0),
-                              ("tx-00002", "chip", "retail", ["NIGHT", "FAR_FROM_HOME"], 2.0)]
+    cur.execute("SELECT transaction_id, entry_mode, customer_segment, reason_codes, home_distance, features[24] "
+                "FROM decisions ORDER BY transaction_id")
+    assert cur.fetchall() == [("tx-00000", None, "retail", [], 0.0, 0.0),
+                              ("tx-00001", "", "a\ufffdb", ["", "x\ufffd"], 1.0, 1.0),
+                              ("tx-00002", "chip", "retail", [], 2.0, 2.0),
+                              ("tx-00003", "chip", "retail", [], 3.0, 3.0),
+                              ("tx-00004", "chip", "retail", ["HIGH_AMOUNT"], None, -1.0)]
 
 
 def test_rewrite_is_idempotent_and_upserts(conn, dsn):
   decisions = fx.make_decisions(50, batch_rows=10)
   fx.run_write(WriteToPostgres(dsn, batch_size=7), decisions, expect_written=50)
-  before = pg.decision_by_id(conn, "tx-00011")
+  before = queries.decision_by_id(conn, "tx-00011")
   fx.run_write(WriteToPostgres(dsn, batch_size=50), fx.reversed_rows(decisions, batch_rows=13), expect_written=50)
   assert scalar(conn, "SELECT count(*) FROM decisions") == 50
   assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 50
-  assert pg.decision_by_id(conn, "tx-00011") == before
+  assert queries.decision_by_id(conn, "tx-00011") == before
 
   # A rerun that decides differently replaces the stored decision instead of adding one.
   fx.run_write(WriteToPostgres(dsn), fx.make_decisions(50, score_offset=0.001), expect_written=50)
   assert scalar(conn, "SELECT count(*) FROM decisions") == 50
-  assert pg.decision_by_id(conn, "tx-00011")["score"] == pytest.approx(before["score"] + 0.001)
+  assert queries.decision_by_id(conn, "tx-00011")["score"] == pytest.approx(before["score"] + 0.001)
 
 
 def test_same_batch_twice_leaves_the_same_state(conn, dsn):
   decisions = fx.make_decisions(40)
   fx.run_write(WriteToPostgres(dsn), decisions, expect_written=40)
   once = stored(conn)
-  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=40)
+  assert fx.run_write(WriteToPostgres(dsn), decisions, expect_written=40)["sink.warm.upserts"] == 1
   assert stored(conn) == once and len(once) == 80
+
+
+def test_a_batch_mixing_stored_and_new_transactions_upserts_all(conn, dsn):
+  decisions = fx.make_decisions(30)
+  fx.run_write(WriteToPostgres(dsn), fx.take(decisions, range(0, 30, 2)), expect_written=15)
+  counts = fx.run_write(WriteToPostgres(dsn), decisions, expect_written=30)
+  assert counts["sink.warm.upserts"] == 1
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 30 == scalar(conn, "SELECT count(*) FROM decision_keys")
+
+
+def test_a_stored_row_whose_key_was_removed_is_upserted(conn, dsn):
+  # Not something the sink does; the fast path's COPY then fails on the row, and the upsert takes over.
+  decisions = fx.make_decisions(10)
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=10)
+  with conn, conn.cursor() as cur:
+    cur.execute("DELETE FROM decision_keys WHERE transaction_id = 'tx-00004'")
+  changed = fx.with_values(decisions, 4, score=0.875)
+  assert fx.run_write(WriteToPostgres(dsn), changed, expect_written=10)["sink.warm.upserts"] == 1
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 10 == scalar(conn, "SELECT count(*) FROM decision_keys")
+  assert queries.decision_by_id(conn, "tx-00004")["score"] == 0.875
 
 
 def test_later_copy_of_a_transaction_in_one_batch_wins(conn, dsn):
@@ -133,8 +164,8 @@ def test_later_copy_of_a_transaction_in_one_batch_wins(conn, dsn):
   both = fx.take(first + later, [0, 1, 5, 2, 6, 3, 4])  # tx-00000 and tx-00001 twice, the later ones after
   assert fx.run_write(WriteToPostgres(dsn), both, expect_written=7)["tier.warm"] == 7
   assert scalar(conn, "SELECT count(*) FROM decisions") == 5
-  assert pg.decision_by_id(conn, "tx-00001")["score"] == fx.rows(later)[1]["score"]
-  assert pg.decision_by_id(conn, "tx-00002")["score"] == fx.rows(first)[2]["score"]
+  assert queries.decision_by_id(conn, "tx-00001")["score"] == fx.rows(later)[1]["score"]
+  assert queries.decision_by_id(conn, "tx-00002")["score"] == fx.rows(first)[2]["score"]
 
 
 def test_transaction_id_unique_across_days(conn, dsn):
@@ -147,13 +178,30 @@ def test_transaction_id_unique_across_days(conn, dsn):
                                               "transaction_id=tx-00003")])
   assert counts["sink.warm.rejected"] == 1
   assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 1
-  assert pg.decision_by_id(conn, "tx-00003")["event_time_ms"] == stored_ms
-  # The database itself refuses the same transaction under a second day.
-  with pytest.raises(psycopg2.errors.ForeignKeyViolation):
-    with conn, conn.cursor() as cur:
-      cur.execute("CREATE TEMP TABLE moved AS SELECT * FROM decisions WHERE transaction_id = 'tx-00004'")
-      cur.execute("UPDATE moved SET event_date = event_date + 1, event_time = event_time + INTERVAL '1 day'")
-      cur.execute("INSERT INTO decisions SELECT * FROM moved")
+  assert queries.decision_by_id(conn, "tx-00003")["event_time_ms"] == stored_ms
+
+
+def test_concurrent_writers_of_a_new_transaction_under_two_days_store_one(conn, dsn):
+  # Another writer has inserted tx-00003's key under a later day and not committed yet: the sink's COPY
+  # waits for it, finds the key stored once it commits, and refuses its own row as a conflict.
+  decisions = fx.make_decisions(6)
+  row = fx.rows(decisions)[3]
+  later = datetime.date(1970, 1, 1) + datetime.timedelta(days=row["event_time_ms"] // fx.DAY_MS + 5)
+  other = psycopg2.connect(dsn)
+  with other.cursor() as cur:
+    cur.execute("INSERT INTO decision_keys (transaction_id, event_date) VALUES ('tx-00003', %s)", (later,))
+  result = {}
+  writer = threading.Thread(target=lambda: result.update(fx.run_write(
+      WriteToPostgres(dsn), decisions, expect_written=5, expect_dead=["transaction_id=tx-00003"])))
+  writer.start()
+  time.sleep(1.0)
+  assert writer.is_alive()  # waiting on the uncommitted key
+  other.commit()
+  other.close()
+  writer.join(60)
+  assert result["sink.warm.rejected"] == 1 and result["sink.warm.upserts"] == 1
+  assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 0
+  assert scalar(conn, "SELECT event_date FROM decision_keys WHERE transaction_id = 'tx-00003'") == later
 
 
 def test_bad_records_become_dead_letters_and_the_rest_is_written(conn, dsn):
@@ -187,7 +235,7 @@ def test_dead_letters_upsert_on_source_and_stage(conn, dsn):
     raw, message = cur.fetchone()
   assert bytes(raw) == bytes([0, 1, 2, 3]) and message == "line one\nline\ttwo \\ \ufffd 3"
   assert scalar(conn, "SELECT raw IS NULL FROM dead_letters WHERE source = 'topic/0@4'")
-  assert pg.dead_letter_counts(conn) == [{"stage": "decode", "reason": "bad_magic_byte", "rows": 30}]
+  assert queries.dead_letter_counts(conn) == [{"stage": "decode", "reason": "bad_magic_byte", "rows": 30}]
 
 
 def test_operational_queries(conn, dsn):
@@ -197,27 +245,27 @@ def test_operational_queries(conn, dsn):
   since = fx.T0 + fx.DAY_MS
   mine = sorted((d for d in rows if d["customer_id"] == 1 and d["event_time_ms"] >= since),
                 key=lambda d: -d["event_time_ms"])
-  got = pg.decisions_for_customer(conn, 1, since)
+  got = queries.decisions_for_customer(conn, 1, since)
   assert [r["transaction_id"] for r in got] == [d["transaction_id"] for d in mine]
-  bounded = pg.decisions_for_customer(conn, 1, since, until_ms=since + fx.DAY_MS, limit=2)
+  bounded = queries.decisions_for_customer(conn, 1, since, until_ms=since + fx.DAY_MS, limit=2)
   assert [r["transaction_id"] for r in bounded] == [d["transaction_id"] for d in mine
                                                     if d["event_time_ms"] < since + fx.DAY_MS][:2]
 
   reviews = sorted((d for d in rows if d["decision"] == "review"), key=lambda d: (-d["score"], d["event_time_ms"]))
-  assert [r["transaction_id"] for r in pg.review_queue(conn, limit=5)] == [
+  assert [r["transaction_id"] for r in queries.review_queue(conn, limit=5)] == [
       d["transaction_id"] for d in reviews[:5]]
 
   expected = {}
   for d in rows:
     day = datetime.date(1970, 1, 1) + datetime.timedelta(days=d["event_time_ms"] // fx.DAY_MS)
     expected[(day, d["decision"])] = expected.get((day, d["decision"]), 0) + 1
-  assert {(r["event_date"], r["decision"]): r["rows"] for r in pg.daily_counts(conn)} == expected
+  assert {(r["event_date"], r["decision"]): r["rows"] for r in queries.daily_counts(conn)} == expected
 
 
 def test_record_run(conn, dsn):
-  pg.record_run(dsn, {"run_id": "run-1", "started_at": fx.T0, "code_version": "abc123", "model_version": "model-1",
+  runs.record_run(dsn, {"run_id": "run-1", "started_at": fx.T0, "code_version": "abc123", "model_version": "model-1",
                       "reference_version": "ref-1", "schema_ids": [1, 2]})
-  pg.record_run(dsn, {"run_id": "run-1", "finished_at": "2018-04-01T00:05:00+00:00",
+  runs.record_run(dsn, {"run_id": "run-1", "finished_at": "2018-04-01T00:05:00+00:00",
                       "summary": {"events_in": 50, "scored": 50}})
   with conn, conn.cursor() as cur:
     cur.execute("SELECT started_at, finished_at, pipeline_version, code_version, model_version, schema_ids, "
@@ -227,13 +275,13 @@ def test_record_run(conn, dsn):
   assert rows == [(datetime.datetime(2018, 4, 1, tzinfo=utc), datetime.datetime(2018, 4, 1, 0, 5, tzinfo=utc),
                    "0.1.0", "abc123", "model-1", [1, 2], {"events_in": 50, "scored": 50})]
   with pytest.raises(ValueError):
-    pg.record_run(dsn, {"run_id": "run-2", "colour": "blue"})
+    runs.record_run(dsn, {"run_id": "run-2", "colour": "blue"})
 
 
 def test_migrations_are_recorded_once(conn, dsn):
   assert migrations.apply(conn) == []
   assert pg.preflight(dsn) == []
-  assert scalar(conn, "SELECT array_agg(version) FROM schema_migrations") == ["0001"]
+  assert scalar(conn, "SELECT array_agg(version ORDER BY version) FROM schema_migrations") == ["0001", "0002"]
 
 
 def test_preflight_errors_are_one_line(endpoint):

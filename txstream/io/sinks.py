@@ -38,6 +38,7 @@ Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
 import functools
 import logging
 import random
+import re
 import time
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
@@ -264,6 +265,15 @@ def check_batch_limits(batch_size: int, max_batch_bytes: int) -> None:
     raise SinkConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
   if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
     raise SinkConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}")
+
+
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+_KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
+
+def redact(target: str) -> str:
+  """A URL or DSN as it may appear in a message: any password replaced by ``***``."""
+  return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", target))
 
 
 def one_line(error: BaseException) -> str:

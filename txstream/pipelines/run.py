@@ -99,7 +99,7 @@ def preflight_tiers(options):
 def _record_run(options, record: dict) -> None:
   dsn = options.view_as(TierOptions).postgres_dsn
   if dsn:
-    from txstream.io.postgres_sink import record_run
+    from txstream.io.postgres_runs import record_run
     record_run(dsn, record)
 
 

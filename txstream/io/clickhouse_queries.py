@@ -1,0 +1,83 @@
+"""Dashboard queries on the analytics tier (ClickHouse), each on a ``clickhouse_driver.Client``.
+
+  ``fraud_rate_per_hour(client, since_ms=None, until_ms=None)``
+  ``top_terminals_by_flagged_amount(client, limit=10, since_ms=None, until_ms=None)``
+  ``customer_velocity(client, since_ms, until_ms, limit=20, customer_id=None)``
+  ``count_distinct_transactions(client)``
+
+Times are epoch milliseconds (UTC). Every query reads ``decisions`` through
+``FINAL``, so it sees one row per ``transaction_id`` before merges catch up.
+"""
+import logging
+from typing import List, Optional
+
+from clickhouse_driver import Client
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _window(since_ms: Optional[int], until_ms: Optional[int]) -> str:
+  # event_date bounds let ClickHouse skip partitions; event_time_ms bounds are exact. Both are the
+  # same in every version of a row (event times never change), so filtering before FINAL is safe.
+  where = []
+  if since_ms is not None:
+    where += [f"event_date >= toDate(toDateTime(intDiv({int(since_ms)}, 1000), 'UTC'))",
+              f"event_time_ms >= {int(since_ms)}"]
+  if until_ms is not None:
+    where += [f"event_date <= toDate(toDateTime(intDiv({int(until_ms)}, 1000), 'UTC'))",
+              f"event_time_ms < {int(until_ms)}"]
+  return ("WHERE " + " AND ".join(where)) if where else ""
+
+
+def _rows(client: Client, sql: str) -> List[dict]:
+  data, columns = client.execute(sql, with_column_types=True)
+  names = [c[0] for c in columns]
+  return [dict(zip(names, row)) for row in data]
+
+
+def fraud_rate_per_hour(client: Client, since_ms: Optional[int] = None, until_ms: Optional[int] = None,
+                        database: Optional[str] = None) -> List[dict]:
+  """Per event hour: ``hour_ms``, ``transactions``, ``flagged`` (review + decline), ``declined``, ``flagged_rate``."""
+  table = f"{database}.decisions" if database else "decisions"
+  return _rows(client, f"""
+    SELECT toUInt64(toStartOfHour(event_time)) * 1000 AS hour_ms, count() AS transactions,
+           countIf(decision != 'approve') AS flagged, countIf(decision = 'decline') AS declined,
+           flagged / transactions AS flagged_rate
+    FROM {table} FINAL {_window(since_ms, until_ms)}
+    GROUP BY hour_ms ORDER BY hour_ms""")
+
+
+def top_terminals_by_flagged_amount(client: Client, limit: int = 10, since_ms: Optional[int] = None,
+                                    until_ms: Optional[int] = None, database: Optional[str] = None) -> List[dict]:
+  """Terminals with the largest flagged (review + decline) amount, per currency (amounts never mix currencies)."""
+  table = f"{database}.decisions" if database else "decisions"
+  # The decision is filtered by the aggregate, not in WHERE: a WHERE on a column that differs between
+  # versions of a row could be applied before FINAL picks the latest version (PREWHERE on old servers).
+  return _rows(client, f"""
+    SELECT terminal_id, currency, sumIf(amount_minor, decision != 'approve') AS flagged_amount_minor,
+           countIf(decision != 'approve') AS flagged
+    FROM {table} FINAL {_window(since_ms, until_ms)}
+    GROUP BY terminal_id, currency HAVING flagged > 0
+    ORDER BY flagged_amount_minor DESC, terminal_id, currency LIMIT {int(limit)}""")
+
+
+def customer_velocity(client: Client, since_ms: int, until_ms: int, limit: int = 20,
+                      customer_id: Optional[int] = None, database: Optional[str] = None) -> List[dict]:
+  """Customers by number of transactions in ``[since_ms, until_ms)``: ``transactions``,
+  ``terminals`` (distinct), ``tx_per_hour`` over the window, first and last event time."""
+  table = f"{database}.decisions" if database else "decisions"
+  where = _window(since_ms, until_ms)
+  if customer_id is not None:
+    where += f" AND customer_id = {int(customer_id)}"
+  hours = max(until_ms - since_ms, 1) / 3_600_000
+  return _rows(client, f"""
+    SELECT customer_id, count() AS transactions, uniqExact(terminal_id) AS terminals,
+           transactions / {hours!r} AS tx_per_hour, min(event_time_ms) AS first_ms, max(event_time_ms) AS last_ms
+    FROM {table} FINAL {where}
+    GROUP BY customer_id ORDER BY transactions DESC, customer_id LIMIT {int(limit)}""")
+
+
+def count_distinct_transactions(client: Client, database: Optional[str] = None) -> int:
+  """Distinct ``transaction_id`` values stored, whether or not duplicates are merged yet."""
+  table = f"{database}.decisions" if database else "decisions"
+  return client.execute(f"SELECT uniqExact(transaction_id) FROM {table}")[0][0]
