@@ -58,13 +58,12 @@ import psycopg2.errors
 import psycopg2.extensions
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.metrics import Metrics
 
 from txstream.core import contracts
 from txstream.core.batch import DeadLetterBatch, DecisionBatch
 from txstream.io import migrations, sinks
 from txstream.io import postgres_rows as rows
-from txstream.io.sinks import NAMESPACE, BatchingWriteFn, Refusal, RetryPolicy, SinkConfigError, SinkResult
+from txstream.io.sinks import BatchingWriteFn, Refusal, RetryPolicy, SinkConfigError, SinkResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -237,7 +236,6 @@ class _WriteDecisionsFn(_PostgresWriteFn):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self._partitions = set()
-    self._upserts = Metrics.counter(NAMESPACE, f"sink.{self._name}.upserts")
 
   def write_batch(self, table: pa.Table) -> List[Refusal]:
     table, refused = rows.refuse_unstorable(table)
@@ -255,7 +253,7 @@ class _WriteDecisionsFn(_PostgresWriteFn):
     try:
       with self._conn, self._conn.cursor() as cur:
         if not _insert_new(cur, rows.copy_keys(table), decisions):
-          self._upserts.inc()
+          self.count("upserts")
           conflicts = _upsert(cur, decisions)
     except psycopg2.errors.CheckViolation as error:
       if "no partition of relation" in str(error):

@@ -35,12 +35,13 @@ Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
   ``sink.<name>.write_ms``     distribution, wall time per batch including retries
   ``sink.<name>.batch_size``   distribution, rows per batch write
 """
+import concurrent.futures
 import functools
 import logging
 import random
 import re
 import time
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import apache_beam as beam
 import pyarrow as pa
@@ -294,6 +295,12 @@ class BatchingWriteFn(beam.DoFn):
 
   Elements: ``Batch``es. Main output: rows written per write (int). Tagged
   ``dead_letters``: ``DeadLetterBatch``.
+
+  Writes run on one background thread per DoFn instance, one at a time, so
+  a sink waiting for its server overlaps with the stage's other work and
+  with the other sinks; a write is collected (counted, its outputs emitted)
+  before the next starts and all are collected before the bundle finishes,
+  so nothing is acknowledged unwritten. Errors surface in the bundle.
   """
 
   STAGE = contracts.SINK
@@ -304,7 +311,6 @@ class BatchingWriteFn(beam.DoFn):
     self._max_batch_bytes = max_batch_bytes
     self._retry = retry
     self._rows = Metrics.counter(NAMESPACE, f"tier.{name}")
-    self._retried = Metrics.counter(NAMESPACE, f"sink.{name}.retried")
     self._failed = Metrics.counter(NAMESPACE, f"sink.{name}.failed")
     self._rejected = Metrics.counter(NAMESPACE, f"sink.{name}.rejected")
     self._write_ms = Metrics.distribution(NAMESPACE, f"sink.{name}.write_ms")
@@ -312,6 +318,10 @@ class BatchingWriteFn(beam.DoFn):
     self._buffer: Optional[BatchBuffer] = None
     self._breaker: Optional[CircuitBreaker] = None
     self._client_open = False
+    self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._in_flight = None  # (future, table, started) of the write on the background thread
+    # Counted on the writer thread, reported on the bundle's: Beam's metrics belong to the bundle's thread.
+    self._counts: Dict[str, int] = {}
 
   # -- subclass hooks ------------------------------------------------------
   def open_client(self) -> None:
@@ -329,15 +339,22 @@ class BatchingWriteFn(beam.DoFn):
   def is_rejected(self, error: BaseException) -> bool:
     return False
 
+  def count(self, name: str, n: int = 1) -> None:
+    """Adds to counter ``sink.<name>.<name>`` from a write (reported when the write is collected)."""
+    self._counts[name] = self._counts.get(name, 0) + n
+
   # -- DoFn lifecycle ------------------------------------------------------
   def setup(self):
     self._buffer = BatchBuffer(self._batch_size, self._max_batch_bytes)
     self._breaker = CircuitBreaker(self._retry.breaker_failures, self._retry.breaker_cool_down_s)
+    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self._name}")
     # A worker that starts during an outage waits for the server like a write would.
     self._call(lambda: None)
+    self._report_counts()
 
   def start_bundle(self):
     self._buffer.clear()
+    self._in_flight = None
 
   def process(self, batch: Batch):
     table = batch.table
@@ -346,8 +363,11 @@ class BatchingWriteFn(beam.DoFn):
 
   def finish_bundle(self):
     yield from self._flush(final=True)
+    yield from self._collect()
 
   def teardown(self):
+    if self._writer is not None:
+      self._writer.shutdown(wait=True)
     if self._client_open:
       self._client_open = False
       try:
@@ -370,7 +390,7 @@ class BatchingWriteFn(beam.DoFn):
         raise
 
     def on_retry(n, error, pause):
-      self._retried.inc()
+      self.count("retried")
       _LOGGER.warning("%s sink: attempt %d failed (%s); retrying in %.2fs", self._name, n, one_line(error), pause)
 
     return retry_with_backoff(attempt, self.is_retryable, self._retry, self._breaker, on_retry)
@@ -384,11 +404,30 @@ class BatchingWriteFn(beam.DoFn):
 
   def _flush(self, final: bool) -> Iterable:
     for table in self._buffer.take(final):
-      yield from self._write(table)
+      yield from self._collect()
+      self._in_flight = (self._writer.submit(self._write_isolating, table), table, time.monotonic())
 
-  def _write(self, table: pa.Table) -> Iterable:
-    start = time.monotonic()
-    refusals = self._write_isolating(table)
+  def _report_counts(self) -> None:
+    counts, self._counts = self._counts, {}
+    for name, n in counts.items():
+      Metrics.counter(NAMESPACE, f"sink.{self._name}.{name}").inc(n)
+
+  def _collect(self) -> Iterable:
+    """Waits for the write in flight; counts it and yields its outputs."""
+    if self._in_flight is None:
+      return
+    future, table, start = self._in_flight
+    self._in_flight = None
+    try:
+      refusals = future.result()
+    except Exception:
+      self._failed.inc()
+      raise
+    finally:
+      self._report_counts()
+    yield from self._written(table, refusals, start)
+
+  def _written(self, table: pa.Table, refusals: List[Refusal], start: float) -> Iterable:
     self._write_ms.update(int((time.monotonic() - start) * 1000))
     self._batch_sizes.update(table.num_rows)
     refused = sum(r.rows.num_rows for r in refusals)
@@ -407,7 +446,6 @@ class BatchingWriteFn(beam.DoFn):
       return list(self._call(lambda: self.write_batch(table)))
     except Exception as error:  # pylint: disable=broad-except
       if not self.is_rejected(error):
-        self._failed.inc()
         raise
       if table.num_rows == 1:
         return [Refusal(table, [error])]
