@@ -41,7 +41,7 @@ from txstream.io import schema_registry, wire
 from txstream.models import artifacts, protocol
 from txstream.models.evaluate import detection_metrics
 from txstream.pipelines.graph import build_features
-from txstream.runners.profiles import runner_for
+from txstream.runners.profiles import run_context, runner_for
 
 _LOGGER = logging.getLogger(__name__)
 DAY_MS = 86_400_000
@@ -97,7 +97,8 @@ class _WriteFeaturesFn(beam.DoFn):
 def compute_features(input_dir: str, out_dir: str, beam_args=()) -> str:
   """Runs the feature part of the graph over ``input_dir``; returns the Parquet glob."""
   options = PipelineOptions(["--input", input_dir, *beam_args])
-  with beam.Pipeline(runner=runner_for(options), options=options) as p:
+  runner = runner_for(options)
+  with run_context(runner), beam.Pipeline(runner=runner, options=options) as p:
     outputs = build_features(p, options)
     _ = outputs.featured | "Write" >> beam.ParDo(_WriteFeaturesFn(out_dir))
   return os.path.join(out_dir, "features-*.parquet")

@@ -22,7 +22,7 @@ from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import commit_offsets
 from txstream.io.schema_registry import registered_schema_ids
 from txstream.pipelines.graph import build_graph, build_tiers
-from txstream.runners.profiles import runner_for
+from txstream.runners.profiles import run_context, runner_for
 
 _LOGGER = logging.getLogger(__name__)
 NAMESPACE = "txstream"
@@ -116,12 +116,14 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   run_id = str(uuid.uuid4())
   start = time.monotonic()
   started_at = int(time.time() * 1000)
-  pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+  runner = runner_for(options)
+  pipeline = beam.Pipeline(runner=runner, options=options)
   outputs = build_graph(pipeline, options, write_tiers=write_tiers)
   _record_run(options, {"run_id": run_id, "started_at": started_at, "model_version": outputs.model_version,
                         "reference_version": outputs.reference_version, "schema_ids": registered_schema_ids()})
-  result = pipeline.run()
-  result.wait_until_finish()
+  with run_context(runner):
+    result = pipeline.run()
+    result.wait_until_finish()
   wall = time.monotonic() - start
   summary = summarize(counters(result), wall, outputs.model_version)
   summary["run_id"] = run_id
