@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/live_latency.py --rates 1000,2000,4000,8000 --seconds 30
     .venv/bin/python benchmarks/live_latency.py --redis_url redis://127.0.0.1:6379/14
     .venv/bin/python benchmarks/live_latency.py -- --live_checkpoint_ms=20   # flags for `txstream stream`
+    .venv/bin/python benchmarks/live_latency.py --backlog --rates 30000 --seconds 7   # throughput on a backlog
 
 For each rate: a fresh topic (3 partitions) and labels topic; the first
 ``--history_days`` of generated traffic are produced up front and replayed by
@@ -87,6 +88,8 @@ def run_rate(args, data, rate):
   # As after a restart: the history is committed, so the stream replays it as feature state only.
   for name in (topic, labels):
     kafka.commit_offsets(config, kafka.end_offsets(config, name), topic=name)
+  if args.backlog:  # the live traffic waits in the topic: the stream's own throughput, no producer beside it
+    kafka.produce_messages(config, topic, live)
   log_path = os.path.join(args.work, f"stream-{rate}.log")
   log = open(log_path, "wb")  # pylint: disable=consider-using-with
   argv = [sys.executable, "-m", "txstream.cli", "stream", f"--bootstrap_servers={bootstrap}", f"--topic={topic}",
@@ -109,7 +112,8 @@ def run_rate(args, data, rate):
   collector = threading.Thread(target=_collect, args=(bootstrap, f"{topic}.decisions", 3, received, stop))
   collector.start()
   began = time.monotonic()
-  kafka.produce_messages(config, topic, live, rate=rate)
+  if not args.backlog:
+    kafka.produce_messages(config, topic, live, rate=rate)
   produce_s = time.monotonic() - began
   deadline = time.monotonic() + args.drain_s
   expected = sum(1 for item in live if item[3] == topic)
@@ -129,6 +133,7 @@ def run_rate(args, data, rate):
   return {"rate": rate, "history_events": len(history), "start_and_replay_s": round(warmup_s, 1),
           "live_events": expected, "decided": len(received), "produce_s": round(produce_s, 1),
           "all_decided_after_s": round(drained_s, 1) if len(received) >= expected else None,
+          "decided_per_s": round(len(received) / drained_s) if drained_s else None,
           "p50_ms": round(float(p50)), "p95_ms": round(float(p95)), "p99_ms": round(float(p99)),
           "max_ms": round(float(latencies.max())) if len(latencies) else None,
           "in_process_p50_ms": int(in_process[-1][0]) if in_process else None,
@@ -145,6 +150,9 @@ def main(argv=None) -> int:
   parser.add_argument("--days", type=int, default=30)
   parser.add_argument("--drain_s", type=float, default=60.0, help="Wait this long for the backlog after producing.")
   parser.add_argument("--redis_url", default=None, help="Also write the hot tier (Redis).")
+  parser.add_argument("--backlog", action="store_true",
+                      help="Produce the live traffic before the stream starts and time how fast it is decided "
+                           "(the hot path's own throughput; --rates then only sizes the traffic).")
   parser.add_argument("--bootstrap_servers", default="127.0.0.1:9092")
   parser.add_argument("stream_args", nargs="*", help="Extra flags for `txstream stream` (after --).")
   parser.add_argument("--work", default=os.path.join(ROOT, "data", "bench-live"))

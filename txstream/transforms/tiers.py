@@ -6,12 +6,13 @@ or a replace keyed on ``transaction_id`` or on a deterministic file name, so
 retries and reruns never duplicate. Each tier counts the rows it wrote under
 ``tier.<name>``.
 """
-import json
+import io
 import logging
 from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
+import polars as pl
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
@@ -73,16 +74,22 @@ class _WriteColdFn(beam.DoFn):
       files.discard()
 
 
-_JSON_COLUMNS = ("transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
-                 "currency", "decision", "score", "reason_codes", "model_version", "rules_version",
-                 "pipeline_version", "decided_at_ms", "source")
+# In key order: the JSON objects come out with sorted keys.
+_JSON_COLUMNS = sorted(("transaction_id", "event_time_ms", "customer_id", "terminal_id", "card_token", "amount_minor",
+                        "currency", "decision", "score", "reason_codes", "model_version", "rules_version",
+                        "pipeline_version", "decided_at_ms", "source"))
 
 
 def decision_messages(decisions: DecisionBatch):
-  """(transaction id, JSON value) per decision: the decisions topic's messages."""
-  table = decisions.table.select(list(_JSON_COLUMNS))
-  for row in table.to_pylist():
-    yield row["transaction_id"], json.dumps(row, sort_keys=True).encode()
+  """(transaction id, JSON value) per decision: the decisions topic's messages.
+
+  The JSON lines are written by polars for the whole batch (a json.dumps per
+  row cost the live hot path a third of its time).
+  """
+  table = decisions.table.select(_JSON_COLUMNS)
+  buffer = io.BytesIO()
+  pl.from_arrow(table).write_ndjson(buffer)
+  yield from zip(table.column("transaction_id").to_pylist(), buffer.getvalue().splitlines())
 
 
 def dead_letter_messages(letters: DeadLetterBatch):
