@@ -191,7 +191,8 @@ def _config_errors():
   from txstream.io.sinks import SinkConfigError
   from txstream.core.rules import RulesError
   from txstream.io.kafka_config import KafkaConfigError
-  return (ConfigError, ModelError, RulesError, SinkConfigError, KafkaConfigError)
+  from txstream.runners.profiles import RunnerError
+  return (ConfigError, ModelError, RulesError, SinkConfigError, KafkaConfigError, RunnerError)
 
 
 def _run(argv) -> int:

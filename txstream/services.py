@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -560,23 +561,42 @@ def status(names: Optional[Iterable[str]] = None, quiet: bool = False) -> Dict[s
 
 def add_parser(subparsers):
   p = subparsers.add_parser(
-      "services", help="Start, stop or show the local servers (redis, postgres, clickhouse, s3, kafka).",
+      "services", help="Start, stop or show the local servers (redis, postgres, clickhouse, s3, kafka) and "
+                       "install the local runners (prism; flink, expansion on request).",
       description="Reuse servers that already answer, start the missing ones as ours (state in .services/), "
-                  "stop only ours.")
+                  "stop only ours; install runners at the Beam version in use into .services/.")
   p.add_argument("action", choices=("up", "down", "status"))
-  p.add_argument("names", nargs="*", metavar="NAME", help=f"Any of {', '.join(SERVICES)} (default: all).")
+  p.add_argument("names", nargs="*", metavar="NAME",
+                 help=f"Any of {', '.join(SERVICES)}, prism, flink, expansion (default: the servers and prism).")
   return p
 
 
 def run(args) -> int:
-  """Runs a parsed ``services`` command; 0 on success, 1 when ``status`` finds one down, 2 on error."""
+  """Runs a parsed ``services`` command; 0 on success, 1 when ``status`` finds one down, 2 on error.
+
+  Runners (``txstream.runners.install``: prism, flink, expansion) are installed artifacts, not servers:
+  ``up`` installs them, ``status`` says where they are, ``down`` leaves them.
+  """
+  from txstream.runners import install
+  names = args.names or list(SERVICES) + list(install.DEFAULT)
+  known = list(SERVICES) + list(install.RUNNERS)
+  unknown = [n for n in names if n not in known]
+  servers = [n for n in names if n in SERVICES]
+  runners = [n for n in names if n in install.RUNNERS]
+  say = functools.partial(_say, False)
   try:
+    if unknown:
+      raise ServiceError(f"unknown service {unknown[0]!r} (known: {', '.join(known)})")
     if args.action == "up":
-      up(args.names)
+      if servers:
+        up(servers)
+      install.up(runners, say)
     elif args.action == "down":
-      down(args.names)
+      if servers:
+        down(servers)
     else:
-      return 0 if all(s.up for s in status(args.names).values()) else 1
+      servers_up = all(s.up for s in status(servers).values()) if servers else True
+      return 0 if install.status(runners, say) and servers_up else 1
   except ServiceError as e:
     print(f"txstream: error: {e}", file=sys.stderr)
     return 2

@@ -130,3 +130,30 @@ def test_streaming_graph_for_other_runners_builds_with_kafka_sources_and_sinks(t
   labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
   assert {"ReadTransactions", "ReadLabels", "DecodeAndValidate", "Enrich", "ComputeFeatures", "Score",
           "DecisionsToKafka", "DeadLettersToKafka"} <= labels
+
+
+def test_a_runner_that_is_not_installed_is_one_line(capsys, tmp_path, monkeypatch):
+  monkeypatch.setenv("TXSTREAM_SERVICES_DIR", str(tmp_path / "services"))  # nothing installed there
+  for sub in ("transactions", "labels", "reference"):
+    (tmp_path / "in" / sub).mkdir(parents=True)
+  for runner in ("FlinkRunner", "PrismRunner"):
+    err = _one_line_error(capsys, ["run", f"--input={tmp_path / 'in'}", f"--runner={runner}", "--no_cold",
+                                   "--dead_letter_path="])
+    assert "is not installed: run `txstream services up" in err, err
+
+
+def test_local_runners_get_what_the_services_step_installed(tmp_path, monkeypatch):
+  from apache_beam.options.pipeline_options import PortableOptions, PrismRunnerOptions
+  from txstream.runners import install, profiles
+  monkeypatch.setenv("TXSTREAM_SERVICES_DIR", str(tmp_path))
+  install.prism_path().parent.mkdir(parents=True)
+  install.prism_path().write_text("")
+  options = cli.pipeline_options(["--runner=PrismRunner"])
+  assert profiles.runner_for(options) == "PrismRunner"
+  assert options.view_as(PrismRunnerOptions).prism_location == str(install.prism_path())
+  explicit = cli.pipeline_options(["--runner=PrismRunner", "--prism_location=/opt/prism"])
+  profiles.runner_for(explicit)
+  assert explicit.view_as(PrismRunnerOptions).prism_location == "/opt/prism"
+  portable = cli.pipeline_options(["--runner=PortableRunner", "--job_endpoint=embed"])
+  profiles.runner_for(portable)
+  assert portable.view_as(PortableOptions).environment_type == "LOOPBACK"

@@ -31,6 +31,7 @@ from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import committed_offsets, resolve_ranges
 from txstream.io.kafka_read import ReadPartitionsLive
 from txstream.pipelines.run import ConfigError
+from txstream.runners.profiles import runner_for
 from txstream.transforms.live import DecideLive
 from txstream.transforms.tiers import (TierConfig, WriteDeadLettersToKafka, WriteDecisionsToKafka, WriteTiers)
 
@@ -170,7 +171,7 @@ def stream(options: PipelineOptions) -> dict:
                     dead_topic)
   else:
     options.view_as(StandardOptions).streaming = True
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=runner_for(options), options=options)
     build_streaming_graph(pipeline, options, write_tiers)
   duration = options.view_as(LiveOptions).duration_s
   timer = _stop_after(duration) if duration else None

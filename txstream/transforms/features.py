@@ -173,7 +173,8 @@ class _OrderedStateFn(beam.DoFn):
   """Buffers a shard's rows and processes them in event-time order once the watermark passes them.
 
   A timer at T only proves the watermark passed T, so the rows up to
-  T - lateness are final and processed; the rest wait for the next timer.
+  T - lateness are final and processed; the rest wait for the next timer,
+  set for the latest of them.
   Subclasses implement ``new_engine()`` and ``ready(engine, table)`` (a
   generator of outputs), and pass ``_buffer`` what late rows become.
   """
@@ -198,12 +199,14 @@ class _OrderedStateFn(beam.DoFn):
     if not table.num_rows:
       return
     pending.add(type(batch)(table))
-    self._schedule(int(times.min()) + self._lateness_ms, next_fire, flush)
+    self._schedule(int(times.max()) + self._lateness_ms, next_fire, flush)
 
   @staticmethod
   def _schedule(fire_at: int, next_fire, flush):
-    scheduled = next_fire.read()
-    if scheduled is None or fire_at < scheduled:
+    # One timer at a time, set for the latest pending row and never moved: a firing releases every row
+    # the watermark has passed (by the lateness) since, however far behind it the rows are (a replay of
+    # old traffic fires once, not once per distinct time), and rows still arriving cannot postpone it.
+    if next_fire.read() is None:
       next_fire.write(fire_at)
       flush.set(Timestamp(micros=fire_at * 1000))
 
@@ -228,7 +231,7 @@ class _OrderedStateFn(beam.DoFn):
     if not ready.all():
       waiting = table.filter(pa.array(~ready))
       pending.add(type(batches[0])(waiting))
-      self._schedule(int(times[~ready].min()) + self._lateness_ms, next_fire, flush)
+      self._schedule(int(times[~ready].max()) + self._lateness_ms, next_fire, flush)
 
 
 def _late_letters(table: pa.Table, done_up_to: int, what: str) -> DeadLetterBatch:
