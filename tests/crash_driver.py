@@ -8,7 +8,6 @@ range and the upserting tiers absorb the repeat. The check reads the stores
 directly: PostgreSQL decisions and dead letters, and the cold-tier Parquet
 files (where a repeat would show as a second copy of a transaction).
 """
-import glob
 import json
 import os
 import random
@@ -20,9 +19,8 @@ import uuid
 from typing import List, NamedTuple
 
 import psycopg2
-import pyarrow.parquet as pq
 
-from txstream.io import kafka
+from txstream.io import cold_table, kafka
 from txstream.pipelines import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,9 +126,8 @@ def _outcome(dsn, work_dir, expected_ids, corrupted, kills, runs) -> Outcome:
     warm = [r[0] for r in cur.fetchall()]
     cur.execute("SELECT source FROM dead_letters")
     dead_sources = [r[0] for r in cur.fetchall()]
-  cold = []
-  for path in glob.glob(f"{work_dir}/cold/decisions/*/*.parquet"):
-    cold.extend(pq.read_table(path, columns=["transaction_id"]).column(0).to_pylist())
+  cold = (cold_table.read(f"{work_dir}/cold").column("transaction_id").to_pylist()
+          if os.path.exists(f"{work_dir}/cold/decisions") else [])
   # A corrupted record's source names its topic position, not its file; match them by count.
   lost = len(expected_ids - set(warm)) + len(expected_ids - set(cold))
   duplicated = (len(warm) - len(set(warm))) + (len(cold) - len(set(cold)))

@@ -1,16 +1,18 @@
 """End to end: generated files with damaged records through `txstream run`.
 
 Every input must end in exactly one place (scored, dead letter, filtered), the
-damaged records must be exactly the dead letters, each with its reason, and a
-rerun must replace the cold tier rather than add to it.
+damaged records must be exactly the dead letters, each with its reason; a
+rerun replaces its rows in the cold tier (a new table version), and split
+inputs sharing days add to each other.
 """
 import glob
 import json
 import os
+import shutil
 
-import pyarrow.parquet as pq
 import pytest
 
+from txstream.io import cold_table, wire
 from txstream.pipelines import generate, run
 
 
@@ -31,11 +33,8 @@ def _run(input_dir, out_dir):
   return summary
 
 
-def _cold_ids(out_dir):
-  ids = []
-  for path in glob.glob(f"{out_dir}/cold/decisions/*/*.parquet"):
-    ids.extend(pq.read_table(path, columns=["transaction_id"]).column("transaction_id").to_pylist())
-  return ids
+def _cold_ids(out_dir, version=None):
+  return cold_table.read(f"{out_dir}/cold", version=version).column("transaction_id").to_pylist()
 
 
 def _dead_letters(out_dir):
@@ -66,10 +65,31 @@ def test_damaged_records_are_exactly_the_dead_letters(corrupted_input, tmp_path)
   assert not set(ids) & {c["transaction_id"] for c in corrupted}
 
 
-def test_rerun_replaces_the_cold_tier(corrupted_input, tmp_path):
+def test_a_rerun_replaces_its_rows_as_a_new_version(corrupted_input, tmp_path):
   first = _run(corrupted_input, str(tmp_path))
-  files = sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*.parquet"))
   second = _run(corrupted_input, str(tmp_path))
-  assert sorted(glob.glob(f"{tmp_path}/cold/decisions/*/*.parquet")) == files
+  assert (first["cold_table_version"], second["cold_table_version"]) == (1, 2)
   ids = _cold_ids(str(tmp_path))
   assert len(ids) == len(set(ids)) == first["scored"] == second["scored"]
+  assert sorted(_cold_ids(str(tmp_path), version=1)) == sorted(ids)  # time travel: the first run's version
+  assert not os.listdir(f"{tmp_path}/cold/_staging"), "a committed run leaves no staged files"
+
+
+def test_split_inputs_sharing_days_keep_every_row(corrupted_input, tmp_path):
+  # Two runs over halves of the same days into one cold tier: the second adds to the first, never replaces.
+  halves = [tmp_path / "a", tmp_path / "b"]
+  for half in halves:
+    for sub in ("labels", "reference"):
+      shutil.copytree(f"{corrupted_input}/{sub}", half / sub)
+    (half / "transactions").mkdir()
+  for path in sorted(glob.glob(f"{corrupted_input}/transactions/*.wire")):
+    with open(path, "rb") as f:
+      frames = [m for _, m in wire.read_frames(f)]
+    for k, half in enumerate(halves):
+      with open(half / "transactions" / os.path.basename(path), "wb") as f:
+        wire.write_frames(f, frames[k::2])
+  out = tmp_path / "out"
+  summaries = [run.run([f"--input={half}", f"--cold_path={out}/cold", f"--dead_letter_path={out}/dead-{half.name}"])
+               for half in halves]
+  ids = _cold_ids(str(out))
+  assert len(ids) == len(set(ids)) == sum(s["scored"] for s in summaries)

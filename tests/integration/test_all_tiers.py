@@ -5,7 +5,6 @@ must leave every tier's count unchanged (every write is an upsert or a
 deterministic replace keyed on transaction_id).
 """
 import datetime
-import glob
 import json
 import os
 import subprocess
@@ -13,9 +12,8 @@ import sys
 import uuid
 
 import boto3
+import deltalake
 import psycopg2
-import pyarrow.fs
-import pyarrow.parquet as pq
 import pytest
 import redis
 from clickhouse_driver import Client
@@ -90,14 +88,11 @@ def _tier_ids(targets, servers):
     runs = cur.fetchone()[0]
   ch = Client(host=servers["clickhouse"].host, port=servers["clickhouse"].port)
   analytics = [row[0] for row in ch.execute(f"SELECT transaction_id FROM {targets['ch_db']}.decisions FINAL")]
-  s3 = pyarrow.fs.S3FileSystem(endpoint_override=targets["s3_url"], access_key=S3_CREDENTIALS["access_key_id"],
-                               secret_key=S3_CREDENTIALS["secret_access_key"], region=S3_CREDENTIALS["region_name"],
-                               scheme="http")
-  files = [f.path for f in s3.get_file_info(pyarrow.fs.FileSelector(f"{targets['bucket']}/cold", recursive=True))
-           if f.path.endswith(".parquet")]
-  cold = []
-  for path in files:
-    cold.extend(pq.read_table(path, filesystem=s3, columns=["transaction_id"]).column(0).to_pylist())
+  # The cold tier is a Delta table: read it with deltalake's own S3 client, not Beam's.
+  cold = deltalake.DeltaTable(f"s3://{targets['bucket']}/cold/decisions", storage_options={
+      "AWS_ENDPOINT_URL": targets["s3_url"], "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
+      "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"], "AWS_REGION": S3_CREDENTIALS["region_name"],
+      "AWS_ALLOW_HTTP": "true"}).to_pyarrow_table(columns=["transaction_id"]).column(0).to_pylist()
   return hot, warm, analytics, cold, runs
 
 

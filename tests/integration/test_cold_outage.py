@@ -20,6 +20,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from tests.integration import sink_fixtures as fx
 from tests.integration.conftest import S3_CREDENTIALS, s3_pipeline_options
+from txstream.io import cold_table
 from tests.tcp_proxy import TcpProxy
 from txstream.transforms.tiers import WriteColdTier, WriteDeadLetters
 
@@ -61,20 +62,27 @@ def test_cold_tier_outage_mid_write_loses_and_duplicates_nothing(s3):
   # Each day file costs ~20 kB of requests: the cut lands after about a third of them.
   proxy.interrupt_after_bytes(100_000, outage_s=3.0)
   counts = _run(proxy, lambda p: (p | beam.Create(decisions, reshuffle=False)
-                                  | WriteColdTier(f"s3://{bucket}/cold", retry=fx.FAST_RETRY)))
+                                  | WriteColdTier(f"s3://{bucket}/cold", "run-1", retry=fx.FAST_RETRY)))
   assert proxy.interruptions == 1
   assert counts["sink.cold.retried"] >= 1
   assert counts.get("sink.cold.failed", 0) == 0
   assert counts["tier.cold"] == ROWS
 
-  keys = _objects(client, bucket, "cold/")
-  assert len(keys) == DAYS and all(k.rsplit("/", 1)[1].startswith("part-00000-") for k in keys), keys
+  keys = _objects(client, bucket, "cold/_staging/run-1/")
+  assert len(keys) == DAYS and all(k.rsplit("/", 1)[1].startswith("part-s") for k in keys), keys
   ids = []
   for key in keys:
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     ids.extend(pq.read_table(pa.BufferReader(body), columns=["transaction_id"]).column(0).to_pylist())
   assert len(ids) == len(set(ids)) == ROWS
   assert set(ids) == set(fx.table_of(decisions).column("transaction_id").to_pylist())
+
+  # The run driver's commit: one Delta version with every row, the staging gone.
+  options = s3_pipeline_options(client.meta.endpoint_url)
+  committed = cold_table.commit(f"s3://{bucket}/cold", "run-1", options)
+  assert (committed.version, committed.inserted) == (1, ROWS)
+  assert sorted(cold_table.read(f"s3://{bucket}/cold", options).column("transaction_id").to_pylist()) == sorted(ids)
+  assert not _objects(client, bucket, "cold/_staging/run-1/")
 
 
 def test_dead_letters_wait_for_s3_to_come_back(s3):

@@ -14,10 +14,10 @@ import subprocess
 import sys
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from txstream import services as local_services
+from txstream.io import cold_table
 from txstream.pipelines import generate
 from txstream.runners import install
 
@@ -57,8 +57,7 @@ def _run(runner: str, input_dir: str, out: str) -> dict:
 
 
 def _cold(out: str) -> pa.Table:
-  files = [f for f in glob.glob(f"{out}/cold/decisions/*/*.parquet") if not os.path.basename(f).startswith(".")]
-  return pa.concat_tables([pq.read_table(f) for f in files]).drop_columns(["decided_at"]).sort_by("transaction_id")
+  return cold_table.read(f"{out}/cold").drop_columns(["decided_at"]).sort_by("transaction_id")
 
 
 def _dead_letters(out: str) -> list:

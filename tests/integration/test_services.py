@@ -100,7 +100,7 @@ def test_cold_tier_day_file_on_s3(s3_bucket):
   s3 = pyarrow.fs.S3FileSystem(access_key=S3_CREDENTIALS["access_key_id"],
                                secret_key=S3_CREDENTIALS["secret_access_key"], region=S3_CREDENTIALS["region_name"],
                                endpoint_override=s3_bucket.endpoint_url)
-  key = f"{s3_bucket.bucket}/cold/decisions/event_date=2018-04-01/part-00000-s00-00.parquet"
+  key = f"{s3_bucket.bucket}/cold/event_date=2018-04-01/part-00000-s00-00.parquet"
   with s3.open_input_file(key) as f:
     table = pq.read_table(io.BytesIO(f.read()))
   assert table.schema == parquet.COLD_SCHEMA

@@ -1,14 +1,11 @@
-"""Cold tier: decisions as Parquet, one file per event day and writer, written in row groups.
+"""Cold-tier Parquet: decisions in the cold layout, one file per event day and writer, in row groups.
 
-Files are written through Beam's ``FileSystems`` (a local folder or ``s3://``)
-under ``decisions/event_date=YYYY-MM-DD/``. A writer appends each batch's rows
-of a day to that day's file as a row group, so a file holds every row a
-writer had for the day; files are staged on local disk and published (copied
-whole) when the writer finishes, so a crashed writer leaves no partial file.
-The published name is ``part-<file_tag>-<writer>.parquet``: ``file_tag``
-names what the run covered (fixed for a run over whole windows, the start
-offsets for an incremental Kafka run), ``writer`` the shards the writer held,
-so a rerun of the same input on the same runner replaces its files.
+A writer appends each batch's rows of a day to that day's file as a row
+group, so a file holds every row a writer had for the day. Files are staged
+on local disk and published (copied whole, through Beam's ``FileSystems``: a
+local folder or ``s3://``) when the writer finishes, into a directory
+``io.cold_table`` then commits to the Delta table; a crashed writer leaves
+no partial file.
 """
 import datetime
 import functools
@@ -32,7 +29,7 @@ BUFFER_ROWS = 262_144  # rows held across all days before the largest day is wri
 
 
 def cold_schema() -> pa.Schema:
-  """The Parquet layout: decision columns, times as UTC timestamps."""
+  """The cold layout: decision columns, times as UTC timestamps, and the event day (the table's partition)."""
   fields = []
   for field in contracts.DECISION:
     if field.name == "event_time_ms":
@@ -41,18 +38,19 @@ def cold_schema() -> pa.Schema:
       fields.append(pa.field("decided_at", pa.timestamp("ms", tz="UTC")))
     else:
       fields.append(field)
-  return pa.schema(fields)
+  return pa.schema(fields + [pa.field("event_date", pa.date32())])
 
 
 COLD_SCHEMA = cold_schema()
 
 
 def to_cold(decisions: pa.Table) -> pa.Table:
-  """contracts.DECISION rows in the cold-tier layout (zero-copy: the times are re-typed, not converted)."""
+  """contracts.DECISION rows in the cold-tier layout (the times re-typed, not converted; the day added)."""
   columns = []
   for field, column in zip(COLD_SCHEMA, decisions.columns):
     columns.append(column.cast(field.type) if field.type != column.type else column)
-  return pa.Table.from_arrays(columns, schema=COLD_SCHEMA)
+  days = pa.array(event_days(decisions).astype(np.int32)).cast(pa.date32())
+  return pa.Table.from_arrays(columns + [days], schema=COLD_SCHEMA)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -111,7 +109,7 @@ class DayFiles:
     writer.write_table(to_cold(pa.concat_tables(tables)), row_group_size=self._row_group_rows)
 
   def publish(self, name: str, retrying: Callable[[Callable[[], None], str], None]) -> int:
-    """Copies each day's file to ``decisions/event_date=.../part-<name>.parquet`` under the root.
+    """Copies each day's file to ``event_date=.../part-<name>.parquet`` under the root.
 
     ``retrying(copy, path)`` runs a copy, retrying it as it sees fit; each
     copy replaces the whole object. Returns the rows published.
@@ -121,7 +119,7 @@ class DayFiles:
     for writer in self._open.values():
       writer.close()
     for day in sorted(self._open):
-      final = FileSystems.join(self._root, "decisions", day_partition(day), f"part-{name}.parquet")
+      final = FileSystems.join(self._root, day_partition(day), f"part-{name}.parquet")
       retrying(functools.partial(_copy, self._staged(day), final), final)
     rows = self.rows
     self.discard()
@@ -143,12 +141,3 @@ class DayFiles:
 def _copy(local: str, destination: str) -> None:
   with open(local, "rb") as source, FileSystems.create(destination) as target:
     shutil.copyfileobj(source, target, 8 << 20)
-
-
-def read_cold(root: str, filesystem: Optional[pa.fs.FileSystem] = None) -> pa.Table:
-  """Every published cold-tier row under ``root`` (temporary files are skipped)."""
-  import pyarrow.dataset as ds
-  dataset = ds.dataset(f"{root.rstrip('/')}/decisions", format="parquet", partitioning="hive",
-                       filesystem=filesystem, exclude_invalid_files=False,
-                       ignore_prefixes=[".", "_"])
-  return dataset.to_table()

@@ -155,11 +155,11 @@ def kafka_file_tag(topic: str, ranges: Ranges) -> str:
   return "k" + hashlib.sha1(f"{topic}|{starts}".encode()).hexdigest()[:12]
 
 
-def build_tiers(options) -> WriteTiers:
+def build_tiers(options, run_id: str = "run") -> WriteTiers:
   """The WriteTiers transform the options ask for (so callers can preflight it before reading)."""
   tiers = options.view_as(TierOptions)
   return WriteTiers(TierConfig(None if tiers.no_cold else tiers.cold_path, tiers.dead_letter_path,
-                               tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url))
+                               tiers.redis_url, tiers.postgres_dsn, tiers.clickhouse_url, run_id=run_id))
 
 
 def _score(pipeline: beam.Pipeline, options) -> Score:

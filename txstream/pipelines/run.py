@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
+from txstream.io import cold_table
 from txstream.io.kafka_offsets import commit_offsets
 from txstream.io.schema_registry import registered_schema_ids
 from txstream.pipelines.graph import build_graph, build_tiers
@@ -85,10 +86,10 @@ def check_config(options) -> None:
       raise ConfigError(f"--input {src.input}: missing {sub}/ (not written by `txstream generate`?)")
 
 
-def preflight_tiers(options):
+def preflight_tiers(options, run_id: str = "run"):
   """Builds WriteTiers and checks every server tier before any data is read."""
   from txstream.io.sinks import SinkConfigError
-  write_tiers = build_tiers(options)
+  write_tiers = build_tiers(options, run_id)
   try:
     write_tiers.preflight()
   except SinkConfigError as e:
@@ -112,8 +113,8 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   """
   options = options or PipelineOptions(argv)
   check_config(options)
-  write_tiers = preflight_tiers(options)
   run_id = str(uuid.uuid4())
+  write_tiers = preflight_tiers(options, run_id)
   start = time.monotonic()
   started_at = int(time.time() * 1000)
   runner = runner_for(options)
@@ -129,6 +130,11 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
   summary["rules_version"] = outputs.rules_version
+  cold_path = write_tiers.config.cold_path
+  if cold_path:
+    # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
+    committed = cold_table.commit(cold_path, run_id, options)
+    summary["cold_table_version"] = committed.version
   if outputs.kafka_ranges is not None:
     # Only now, with every tier written, do the offsets move on: a run that
     # dies earlier leaves them where they were and the next run rereads its

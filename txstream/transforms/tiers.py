@@ -18,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from txstream.core import dead_letters
 from txstream.core.batch import DeadLetterBatch, DecisionBatch, split_by
-from txstream.io import parquet
+from txstream.io import cold_table, parquet
 from txstream.io.file_retry import RetryingFileWrite
 from txstream.io.sinks import RetryPolicy, SinkResult
 from txstream.transforms import counting
@@ -35,18 +35,19 @@ class TierConfig(NamedTuple):
   postgres_dsn: Optional[str] = None
   clickhouse_url: Optional[str] = None
   file_tag: str = DEFAULT_TAG
+  run_id: str = "run"  # names the cold tier's staging directory; the run driver commits it
 
 
 class _WriteColdFn(beam.DoFn):
   """Appends each batch's rows to the writer's file of their event day; publishes the files per bundle.
 
-  The writer is named after the terminal shards its bundle held (each shard
-  is in exactly one bundle), so concurrent writers never share a name and a
-  rerun on the same runner replaces the same files.
+  Files go to the run's staging directory (``io.cold_table``), named after
+  the terminal shards the bundle held (each shard is in exactly one bundle),
+  so concurrent writers never share a name and a retried bundle replaces its
+  own files.
   """
-  def __init__(self, root: str, retry: RetryPolicy, file_tag: str):
-    self._root = root
-    self._file_tag = file_tag
+  def __init__(self, staging: str, retry: RetryPolicy):
+    self._root = staging
     self._write = RetryingFileWrite("cold", retry)
 
   def start_bundle(self):
@@ -62,7 +63,7 @@ class _WriteColdFn(beam.DoFn):
   def finish_bundle(self):
     if not self._shards:
       return
-    name = f"{self._file_tag}-s{min(self._shards):02d}-{max(self._shards):02d}"
+    name = f"s{min(self._shards):02d}-{max(self._shards):02d}"
     try:
       counting.inc("tier.cold", self._files.publish(name, self._write))
     finally:
@@ -147,22 +148,22 @@ def _by_stage(batch: DeadLetterBatch):
 
 
 class WriteColdTier(beam.PTransform[beam.PCollection[DecisionBatch], beam.PCollection]):
-  """DecisionBatches -> Parquet, one file per event day and writer (``io.parquet``), published per bundle.
+  """DecisionBatches -> the run's staged Parquet files, one per event day and writer, published per bundle.
 
-  A write that fails on a store outage is retried with ``retry``'s backoff
-  (counted as ``sink.cold.retried``); publishing replaces a whole file, which
-  is idempotent.
+  ``io.cold_table.commit(root, run_id)`` merges them into the Delta table
+  once the whole run has succeeded. A write that fails on a store outage is
+  retried with ``retry``'s backoff (counted as ``sink.cold.retried``);
+  publishing replaces a whole file, which is idempotent.
   """
-  def __init__(self, root: str, retry: RetryPolicy = RetryPolicy(), file_tag: str = DEFAULT_TAG):
+  def __init__(self, root: str, run_id: str, retry: RetryPolicy = RetryPolicy()):
     super().__init__()
     if not root:
       raise ValueError("a cold tier path is required")
-    self._root = root
+    self._staging = cold_table.staging_path(root, run_id)
     self._retry = retry
-    self._file_tag = file_tag
 
   def expand(self, decisions):
-    return decisions | "Write" >> beam.ParDo(_WriteColdFn(self._root, self._retry, self._file_tag))
+    return decisions | "Write" >> beam.ParDo(_WriteColdFn(self._staging, self._retry))
 
 
 class WriteDeadLetters(beam.PTransform[beam.PCollection[DeadLetterBatch], beam.PCollection]):
@@ -201,7 +202,7 @@ class WriteTiers(beam.PTransform[beam.PCollection[DecisionBatch], TierWrites]):
     self._config = config
     self._sinks = {}
     if config.cold_path:
-      self._sinks["cold"] = WriteColdTier(config.cold_path, file_tag=config.file_tag)
+      self._sinks["cold"] = WriteColdTier(config.cold_path, config.run_id)
     if config.redis_url:
       from txstream.io.redis_sink import WriteToRedis
       self._sinks["hot"] = WriteToRedis(config.redis_url)
@@ -213,8 +214,12 @@ class WriteTiers(beam.PTransform[beam.PCollection[DecisionBatch], TierWrites]):
       self._sinks["analytics"] = WriteToClickHouse(config.clickhouse_url)
 
   def with_file_tag(self, file_tag: str) -> "WriteTiers":
-    """The same tiers, naming cold-tier files ``part-<file_tag>-...`` (see ``io.parquet``)."""
+    """The same tiers, naming dead-letter files ``<stage>-<file_tag>.jsonl``."""
     return WriteTiers(self._config._replace(file_tag=file_tag))
+
+  @property
+  def config(self) -> TierConfig:
+    return self._config
 
   @property
   def tiers(self):
