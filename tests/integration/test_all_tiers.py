@@ -12,13 +12,13 @@ import sys
 import uuid
 
 import boto3
-import deltalake
 import psycopg2
 import pytest
 import redis
 from clickhouse_driver import Client
 
-from tests.integration.conftest import S3_CREDENTIALS
+from tests.integration.conftest import S3_CREDENTIALS, s3_pipeline_options
+from txstream.io import cold_table
 from txstream.pipelines import generate
 
 
@@ -88,11 +88,9 @@ def _tier_ids(targets, servers):
     runs = cur.fetchone()[0]
   ch = Client(host=servers["clickhouse"].host, port=servers["clickhouse"].port)
   analytics = [row[0] for row in ch.execute(f"SELECT transaction_id FROM {targets['ch_db']}.decisions FINAL")]
-  # The cold tier is a Delta table: read it with deltalake's own S3 client, not Beam's.
-  cold = deltalake.DeltaTable(f"s3://{targets['bucket']}/cold/decisions", storage_options={
-      "AWS_ENDPOINT_URL": targets["s3_url"], "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
-      "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"], "AWS_REGION": S3_CREDENTIALS["region_name"],
-      "AWS_ALLOW_HTTP": "true"}).to_pyarrow_table(columns=["transaction_id"]).column(0).to_pylist()
+  # The cold tier is a Delta table: read with deltalake's own S3 client, not Beam's.
+  cold = cold_table.read(f"s3://{targets['bucket']}/cold", s3_pipeline_options(targets["s3_url"])).column(
+      "transaction_id").to_pylist()
   return hot, warm, analytics, cold, runs
 
 

@@ -13,6 +13,7 @@ committed nothing (its staging directory stays behind, never read); and every
 run is a version to read back (time travel: ``DeltaTable(path, version=N)``
 or ``load_as_version(datetime)``).
 """
+import gc
 import logging
 from typing import NamedTuple, Optional
 
@@ -88,7 +89,10 @@ def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) ->
     DeltaTable.create(uri, schema=parquet.COLD_SCHEMA, partition_by=["event_date"], storage_options=storage,
                       name="decisions", description="txstream decisions, one row per transaction_id")
   table = DeltaTable(uri, storage_options=storage)
-  metrics = (table.merge(source=source.scanner().to_reader(), predicate="t.transaction_id = s.transaction_id",
+  # Arrow's threaded scans through deltalake can leave threads that abort the process at exit
+  # (delta-io/delta-rs#2184): one thread here, and in ``read``.
+  metrics = (table.merge(source=source.scanner(use_threads=False).to_reader(),
+                         predicate="t.transaction_id = s.transaction_id",
                          source_alias="s", target_alias="t", streamed_exec=True)
              .when_matched_update_all().when_not_matched_insert_all().execute())
   fs.delete_dir(where)
@@ -104,4 +108,8 @@ def read(root: str, options: Optional[PipelineOptions] = None, version=None) -> 
   table = DeltaTable(table_path(root), storage_options=storage_options(options))
   if version is not None:
     table.load_as_version(version)
-  return table.to_pyarrow_table()
+  dataset = table.to_pyarrow_dataset()
+  rows = dataset.to_table(use_threads=False)
+  del dataset
+  gc.collect()  # the scan's resources go now, not at interpreter exit
+  return rows

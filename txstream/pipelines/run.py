@@ -135,6 +135,8 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
     # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
     committed = cold_table.commit(cold_path, run_id, options)
     summary["cold_table_version"] = committed.version
+    # What the table took, not what the writers counted (a runner may drop a bundle's late counter updates).
+    summary["tiers"]["cold"] = committed.inserted + committed.updated
   if outputs.kafka_ranges is not None:
     # Only now, with every tier written, do the offsets move on: a run that
     # dies earlier leaves them where they were and the next run rereads its
