@@ -28,13 +28,15 @@ def record_run(dsn: str, run_record: dict) -> None:
 
   Keys: ``run_id`` (required), ``started_at`` (required on first call),
   ``finished_at``, ``pipeline_version`` (default: this package's),
-  ``code_version``, ``model_version``, ``reference_version``, ``schema_ids``
-  (list of int), ``summary`` (JSON-able dict). Times are datetimes, ISO
+  ``code_version``, ``model_version``, ``rules_version``,
+  ``reference_version``, ``schema_ids`` (list of int), ``summary`` and
+  ``manifest`` (JSON-able dicts), ``status``, ``kind``. Times are datetimes, ISO
   strings or epoch milliseconds. Keys left out keep their stored value.
   Idempotent: recording the same values again changes nothing.
   """
   unknown = set(run_record) - {"run_id", "started_at", "finished_at", "pipeline_version", "code_version",
-                               "model_version", "reference_version", "schema_ids", "summary"}
+                               "model_version", "reference_version", "schema_ids", "summary",
+                               "manifest", "status", "kind", "rules_version"}
   if unknown or not run_record.get("run_id"):
     raise ValueError(f"run record needs run_id and only known keys; unknown: {sorted(unknown)}")
   row = dict(run_record)
@@ -42,8 +44,9 @@ def record_run(dsn: str, run_record: dict) -> None:
   for key in ("started_at", "finished_at"):
     if key in row:
       row[key] = _moment(row[key])
-  if "summary" in row:
-    row["summary"] = json.dumps(row["summary"], sort_keys=True, default=str)
+  for key in ("summary", "manifest"):
+    if key in row:
+      row[key] = json.dumps(row[key], sort_keys=True, default=str)
   if "schema_ids" in row:
     row["schema_ids"] = [int(x) for x in row["schema_ids"]]
   columns = list(row)

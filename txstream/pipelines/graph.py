@@ -23,7 +23,7 @@ from txstream.transforms.features import ComputeFeatures
 from txstream.transforms.read import ReadFromSource, ReadLabels, ReadResult, ReadTransactions
 from txstream.transforms.score import Score
 from txstream.transforms.tiers import TierConfig, WriteDeadLetters, WriteTiers
-from txstream.transforms.validate import DecodeAndValidate, DecodeLabels
+from txstream.transforms.validate import DecodeAndValidate, DecodeLabels, EventWindow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -123,8 +123,13 @@ def _reads(pipeline: beam.Pipeline, options, sources: Sources):
   return raw, labels, kafka.ranges if kafka else None, kafka.label_ranges if kafka else None
 
 
-def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources()) -> FeatureOutputs:
-  """Read -> DecodeAndValidate -> Enrich -> ComputeFeatures: shared by scoring and training."""
+def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
+                   window: Optional[Tuple[int, int]] = None) -> FeatureOutputs:
+  """Read -> DecodeAndValidate -> Enrich -> ComputeFeatures: shared by scoring and training.
+
+  ``window`` = (from_ms, to_ms) decides only the events in ``[from, to)``,
+  those before read as feature state (``EventWindow``).
+  """
   src = options.view_as(SourceOptions)
   feat = options.view_as(FeatureOptions)
   raw, raw_labels, kafka_ranges, label_ranges = _reads(pipeline, options, sources)
@@ -137,7 +142,10 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
   if raw_labels is not None:
     decoded_labels = raw_labels.records | "DecodeLabels" >> DecodeLabels(src.schema_registry_url)
     labels, label_dead = decoded_labels.valid, [raw_labels.dead_letters, decoded_labels.dead_letters]
-  enriched = decoded.valid | "Enrich" >> enrich
+  valid = decoded.valid
+  if window is not None:
+    valid = valid | "EventWindow" >> EventWindow(*window)
+  enriched = valid | "Enrich" >> enrich
   features = enriched.enriched | "ComputeFeatures" >> ComputeFeatures(
       labels, feat.allowed_lateness_s, feat.terminal_delay_days,
       bounded=not options.view_as(StandardOptions).streaming)
@@ -174,12 +182,12 @@ def _score(pipeline: beam.Pipeline, options) -> Score:
 
 
 def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
-                write_tiers: Optional[WriteTiers] = None) -> GraphOutputs:
+                write_tiers: Optional[WriteTiers] = None, window: Optional[Tuple[int, int]] = None) -> GraphOutputs:
   """The whole graph; returns decisions, dead letters, filtered records and tier write results."""
   tiers = options.view_as(TierOptions)
   score = _score(pipeline, options)  # checks the model and rules before anything is read
   write_tiers = write_tiers or build_tiers(options)
-  features = build_features(pipeline, options, sources)
+  features = build_features(pipeline, options, sources, window)
   decisions = features.featured | "Score" >> score
   file_tag = "00000"
   if features.kafka_ranges is not None:

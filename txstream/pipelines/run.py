@@ -11,17 +11,18 @@ import os
 import time
 import uuid
 from collections import Counter
-from typing import Optional
+from typing import Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+import txstream
 from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io import cold_table
 from txstream.io.kafka_offsets import commit_offsets
-from txstream.io.schema_registry import registered_schema_ids
+from txstream.pipelines import manifest as manifest_lib
 from txstream.pipelines.graph import build_graph, build_tiers
 from txstream.runners.profiles import run_context, runner_for
 
@@ -97,31 +98,111 @@ def preflight_tiers(options, run_id: str = "run"):
   return write_tiers
 
 
-def _record_run(options, record: dict) -> None:
-  dsn = options.view_as(TierOptions).postgres_dsn
-  if dsn:
-    from txstream.io.postgres_runs import record_run
-    record_run(dsn, record)
 
 
 def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
-  """Runs the bounded graph to completion and returns the summary.
-
-  With a warm tier the run is recorded in PostgreSQL's ``runs`` table: code,
-  model, reference-data and schema versions at the start, the summary at the
-  end (what a compliance rerun needs to show what produced its output).
-  """
+  """Runs the bounded graph to completion and returns the summary (see ``execute``)."""
   options = options or PipelineOptions(argv)
   check_config(options)
-  run_id = str(uuid.uuid4())
+  return execute(options, str(uuid.uuid4()))
+
+
+def _inputs(options, outputs) -> list:
+  if outputs.kafka_ranges is not None:
+    flags = options.view_as(KafkaOptions)
+    return manifest_lib.kafka_inputs(flags.topic, outputs.kafka_ranges, flags.labels_topic, outputs.label_ranges)
+  src = options.view_as(SourceOptions)
+  return manifest_lib.file_inputs(src.input) if src.input and "://" not in src.input else []
+
+
+def _start_manifest(options, run_id: str, kind: str, outputs, window, extra: dict) -> dict:
+  score = options.view_as(ScoreOptions)
+  src = options.view_as(SourceOptions)
+  return {
+      "run_id": run_id, "kind": kind, "status": "running",
+      "started_at": manifest_lib.utc_iso(int(time.time() * 1000)), "finished_at": None,
+      "code": {"package_version": txstream.__version__, "git_commit": manifest_lib.code_version()},
+      "schemas": manifest_lib.schema_fingerprints(),
+      "model": manifest_lib.model_entry(score.model_dir, outputs.model_version),
+      "rules": {"path": score.rules or "bundled", "version": outputs.rules_version},
+      "reference": {"dir": src.reference_dir or (os.path.join(src.input, "reference") if src.input else None),
+                    "version": outputs.reference_version},
+      "source": {"input": os.path.abspath(src.input) if src.input and "://" not in src.input else src.input,
+                 "topic": options.view_as(KafkaOptions).topic},
+      "inputs": _inputs(options, outputs),
+      "window": ({"from": manifest_lib.utc_iso(window[0]), "to": manifest_lib.utc_iso(window[1]),
+                  "from_ms": window[0], "to_ms": window[1], "bounds": "[from, to)"} if window else None),
+      "outputs": {"cold_path": options.view_as(TierOptions).cold_path,
+                  "dead_letter_path": options.view_as(TierOptions).dead_letter_path},
+      "summary": None,
+      **extra,
+  }
+
+
+def _record_manifest(runs_dsn: Optional[str], cold_root: Optional[str], manifest: dict, first: bool = False) -> None:
+  """The manifest beside the output and in the ``runs`` row."""
+  if cold_root:
+    manifest_lib.write(cold_root, manifest)
+  record = {"run_id": manifest["run_id"], "manifest": manifest, "status": manifest["status"]}
+  if first:
+    record.update(started_at=manifest["started_at"], code_version=manifest["code"]["git_commit"],
+                  model_version=manifest["model"]["version"], rules_version=manifest["rules"]["version"],
+                  reference_version=manifest["reference"]["version"],
+                  schema_ids=[s["id"] for s in manifest["schemas"]], kind=manifest["kind"])
+  else:
+    record.update(finished_at=manifest["finished_at"], summary=manifest["summary"] or {})
+  if runs_dsn:
+    from txstream.io.postgres_runs import record_run
+    record_run(runs_dsn, record)
+
+
+def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Optional[Tuple[int, int]] = None,
+            manifest_extra: Optional[dict] = None, runs_dsn: Optional[str] = None) -> dict:
+  """Runs the graph once, bounded, with a manifest for the run; returns the summary.
+
+  The manifest (``pipelines.manifest``) is written at the start and again at
+  the end, beside the cold tier and in PostgreSQL's ``runs`` (``runs_dsn``,
+  by default the warm tier's): code, model, rules, reference-data and schema
+  versions, the inputs, the window, then the summary and the exit status. A
+  run that fails still ends its manifest, as ``failed`` with the error.
+  ``window`` = (from_ms, to_ms): only events in ``[from, to)`` are decided,
+  those before are read as feature state only (a rerun).
+  """
   write_tiers = preflight_tiers(options, run_id)
+  cold_path = write_tiers.config.cold_path
   start = time.monotonic()
-  started_at = int(time.time() * 1000)
   runner = runner_for(options)
   pipeline = beam.Pipeline(runner=runner, options=options)
-  outputs = build_graph(pipeline, options, write_tiers=write_tiers)
-  _record_run(options, {"run_id": run_id, "started_at": started_at, "model_version": outputs.model_version,
-                        "reference_version": outputs.reference_version, "schema_ids": registered_schema_ids()})
+  outputs = build_graph(pipeline, options, write_tiers=write_tiers, window=window)
+  runs_dsn = runs_dsn or options.view_as(TierOptions).postgres_dsn
+  manifest = _start_manifest(options, run_id, kind, outputs, window, manifest_extra or {})
+  _record_manifest(runs_dsn, cold_path, manifest, first=True)
+  try:
+    summary = _execute(options, pipeline, runner, outputs, run_id, cold_path, start)
+  except BaseException as e:
+    manifest.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
+                    finished_at=manifest_lib.utc_iso(int(time.time() * 1000)))
+    try:
+      _record_manifest(runs_dsn, cold_path, manifest)
+    except Exception:  # pylint: disable=broad-except
+      _LOGGER.exception("could not record the failed run %s", run_id)
+    raise
+  summary["kind"] = kind
+  if window:
+    summary["window"] = {"from": manifest["window"]["from"], "to": manifest["window"]["to"]}
+  summary.update({k: manifest[k] for k in ("rerun_of", "namespace") if k in manifest})
+  manifest.update(status="succeeded", summary=summary, finished_at=manifest_lib.utc_iso(int(time.time() * 1000)))
+  _record_manifest(runs_dsn, cold_path, manifest)
+  if cold_path:
+    summary["manifest"] = manifest_lib.path_for(cold_path, run_id)
+  path = options.view_as(RunOptions).summary_json
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+  return summary
+
+
+def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optional[str], start: float) -> dict:
   with run_context(runner):
     result = pipeline.run()
     result.wait_until_finish()
@@ -130,7 +211,6 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
   summary["rules_version"] = outputs.rules_version
-  cold_path = write_tiers.config.cold_path
   if cold_path:
     # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
     committed = cold_table.commit(cold_path, run_id, options)
@@ -148,9 +228,4 @@ def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:
       commit_offsets(config, {p: stop for p, (_, stop) in outputs.label_ranges.items()},
                      topic=options.view_as(KafkaOptions).labels_topic)
     summary["kafka_offsets"] = {str(p): [start, stop] for p, (start, stop) in sorted(outputs.kafka_ranges.items())}
-  _record_run(options, {"run_id": run_id, "finished_at": int(time.time() * 1000), "summary": summary})
-  path = options.view_as(RunOptions).summary_json
-  if path:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, sort_keys=True)
   return summary

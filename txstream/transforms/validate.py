@@ -10,6 +10,7 @@ import logging
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+import pyarrow.compute as pc
 
 from txstream.core import decode
 from txstream.core.batch import DeadLetterBatch, LabelBatch, RawBatch, TransactionBatch
@@ -87,3 +88,40 @@ class DecodeLabels(beam.PTransform[beam.PCollection[RawBatch], DecodeResult]):
     results = batches | "Decode" >> beam.ParDo(_DecodeLabelFn(self._registry_url)).with_output_types(
         LabelBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="valid")
     return DecodeResult(results.valid, results[DEAD])
+
+
+class _EventWindowFn(beam.DoFn):
+  def __init__(self, from_ms: int, to_ms: int):
+    self._from_ms, self._to_ms = from_ms, to_ms
+
+  def process(self, batch: TransactionBatch):
+    table = batch.table
+    times = table.column("event_time_ms")
+    before = pc.less(times, self._from_ms)
+    after = pc.greater_equal(times, self._to_ms)
+    counting.inc("filtered.before_window", pc.sum(pc.and_not(before, table.column("history"))).as_py() or 0)
+    counting.inc("filtered.after_window", pc.sum(after).as_py() or 0)
+    kept = table.filter(pc.invert(after))
+    if kept.num_rows:
+      history = pc.or_(kept.column("history"), pc.less(kept.column("event_time_ms"), self._from_ms))
+      yield TransactionBatch(kept.set_column(kept.schema.get_field_index("history"), "history", history))
+
+
+class EventWindow(beam.PTransform[beam.PCollection[TransactionBatch], beam.PCollection[TransactionBatch]]):
+  """Keeps a rerun to the event-time window ``[from_ms, to_ms)``.
+
+  Transactions before ``from_ms`` become history (feature state only, as an
+  earlier run decided them), so each transaction in the window gets the
+  features the original run gave it; those from ``to_ms`` on cannot change
+  any feature in the window (features look back only) and are dropped. Both
+  are counted as ``filtered.before_window`` / ``filtered.after_window``.
+  """
+  def __init__(self, from_ms: int, to_ms: int):
+    super().__init__()
+    if from_ms >= to_ms:
+      raise ValueError("the window's end must be after its start")
+    self._from_ms, self._to_ms = from_ms, to_ms
+
+  def expand(self, batches):
+    return batches | "Window" >> beam.ParDo(_EventWindowFn(self._from_ms, self._to_ms)).with_output_types(
+        TransactionBatch)
