@@ -78,6 +78,10 @@ def _generate_parser(sub):
   p.add_argument("--schema_version", type=int, default=2, choices=(1, 2), help="Transaction schema version.")
   p.add_argument("--corrupt_fraction", type=float, default=0.0,
                  help="Share of messages to damage on purpose (lists them in corrupted.json).")
+  p.add_argument("--legacy_extract", action="store_true",
+                 help="Also write legacy/decisions.csv: what a legacy batch system decided for the transactions "
+                      "`txstream run` accepts (its own columns and formats: local Europe/Paris time with offset, "
+                      "decimal amounts, APPROVED/REFERRED/DECLINED from a fixed rule table), to reconcile against.")
   p.add_argument("--bootstrap_servers", default=None,
                  help="Also produce the written transactions to Kafka at host:port (needs --topic).")
   p.add_argument("--topic", default=None, help="Kafka topic for the transactions.")
@@ -222,7 +226,7 @@ def _generate(args) -> int:
   from txstream.pipelines import generate as gen
   try:
     manifest = gen.generate(args.out, args.customers, args.terminals, args.days, args.start, args.seed,
-                            args.schema_version, args.corrupt_fraction)
+                            args.schema_version, args.corrupt_fraction, args.legacy_extract)
   except ValueError as e:
     raise UsageError(str(e)) from e
   except OSError as e:

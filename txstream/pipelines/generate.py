@@ -14,6 +14,10 @@ unset; the data are synthetic, so no real secret is involved).
 ``--corrupt_fraction`` damages that share of messages (garbage bytes, wrong
 magic byte, unknown schema id, truncated body) and lists each damaged source
 position with its expected dead-letter reason in ``OUT/corrupted.json``.
+
+``--legacy_extract`` also writes ``OUT/legacy/decisions.csv``, what a legacy
+batch system decided for the transactions ``txstream run`` accepts (see
+``legacy``), to reconcile against.
 """
 import datetime
 import hashlib
@@ -27,15 +31,18 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import fastavro
 import numpy as np
+import pyarrow as pa
 
+from txstream.core import validate
 from txstream.io import schema_registry, wire
-from txstream.pipelines import simulator
+from txstream.pipelines import legacy, simulator
 
 _LOGGER = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 ENTRY_MODES = ("chip", "contactless", "ecommerce", "magstripe")
 MERCHANT_CATEGORIES = (5411, 5812, 5541, 5999, 4111, 5732, 5311, 7011)
 SEGMENTS = ("retail", "premium", "student", "business")
+CURRENCY = "EUR"
 DAMAGE = ("garbage", "bad_magic", "unknown_schema", "truncated")
 EXPECTED_REASON = {"garbage": "bad_magic_byte", "bad_magic": "bad_magic_byte",
                    "unknown_schema": "unknown_schema_id", "truncated": "avro_decode_error"}
@@ -71,6 +78,11 @@ def transaction_ids(seed: int, n: int) -> List[str]:
   return out
 
 
+def amount_minor(tx: Dict[str, np.ndarray]) -> np.ndarray:
+  """The amounts as written: the simulator rounds a few to 0 cents, and a charge is at least one minor unit."""
+  return np.maximum(tx["amount_cents"], 1)
+
+
 def _damage(message: bytes, kind: str, rng: np.random.Generator) -> bytes:
   if kind == "garbage":
     # A first byte other than 0 guarantees the header check catches it.
@@ -84,7 +96,8 @@ def _damage(message: bytes, kind: str, rng: np.random.Generator) -> bytes:
 
 class Writer:
   """Writes one simulation into an output directory."""
-  def __init__(self, out: str, schema_version: int = 2, corrupt_fraction: float = 0.0):
+  def __init__(self, out: str, schema_version: int = 2, corrupt_fraction: float = 0.0,
+               legacy_extract: bool = False):
     if schema_version not in (1, 2):
       raise ValueError("--schema_version must be 1 or 2")
     if not 0 <= corrupt_fraction < 1:
@@ -92,14 +105,18 @@ class Writer:
     self.out = out
     self.schema_id = schema_version
     self.corrupt_fraction = corrupt_fraction
+    self.legacy_extract = legacy_extract
     self.registry = schema_registry.FileSchemaRegistry()
 
   def write(self, sim: simulator.Simulation) -> dict:
     for sub in ("transactions", "labels", "reference"):
       os.makedirs(os.path.join(self.out, sub), exist_ok=True)
     refs = self._write_reference(sim)
-    counts = self._write_transactions(sim, refs)
-    counts["labels"] = self._write_labels(sim)
+    ids = transaction_ids(sim.seed, sim.n_transactions)
+    counts, damaged = self._write_transactions(sim, refs, ids)
+    counts["labels"] = self._write_labels(sim, ids)
+    if self.legacy_extract:
+      counts["legacy_extract"] = self._write_legacy(sim, ids, damaged)
     manifest = {"seed": sim.seed, "start": sim.start.isoformat(), "customers": len(sim.customers["customer_id"]),
                 "terminals": len(sim.terminals["terminal_id"]), "schema_id": self.schema_id, **counts}
     with open(os.path.join(self.out, "manifest.json"), "w", encoding="utf-8") as f:
@@ -122,15 +139,16 @@ class Writer:
           for i, x, y, m in zip(t["terminal_id"], t["x"], t["y"], mcc)))
     return {"mcc": mcc}
 
-  def _write_transactions(self, sim, refs) -> dict:
+  def _write_transactions(self, sim, refs, ids: List[str]) -> Tuple[dict, np.ndarray]:
+    """(counts, mask of the damaged messages)."""
     tx = sim.transactions
     n = len(tx["tx_index"])
     rng = np.random.default_rng([sim.seed, 2])
     modes = rng.integers(0, len(ENTRY_MODES), n)
     damaged = rng.random(n) < self.corrupt_fraction
     kinds = rng.integers(0, len(DAMAGE), n)
-    ids = transaction_ids(sim.seed, n)
     tokens = card_tokens(len(sim.customers["customer_id"]), sim.seed)
+    amount = amount_minor(tx)
     schema = self.registry.parsed(self.schema_id)
     start_ms = int(datetime.datetime.combine(sim.start, datetime.time(), datetime.timezone.utc).timestamp() * 1000)
     day = (tx["event_time_ms"] - start_ms) // DAY_MS
@@ -142,8 +160,8 @@ class Writer:
       for index, i in enumerate(rows):
         record = {"transaction_id": ids[i], "event_time": int(tx["event_time_ms"][i]),
                   "customer_id": int(tx["customer_id"][i]), "terminal_id": int(tx["terminal_id"][i]),
-                  "card_token": tokens[tx["customer_id"][i]], "amount_minor": max(1, int(tx["amount_cents"][i])),
-                  "currency": "EUR", "entry_mode": ENTRY_MODES[modes[i]],
+                  "card_token": tokens[tx["customer_id"][i]], "amount_minor": int(amount[i]),
+                  "currency": CURRENCY, "entry_mode": ENTRY_MODES[modes[i]],
                   "merchant_category": int(refs["mcc"][tx["terminal_id"][i]])}
         message = wire.encode(self.schema_id, schema, record)
         if damaged[i]:
@@ -157,11 +175,10 @@ class Writer:
     if self.corrupt_fraction:
       with open(os.path.join(self.out, "corrupted.json"), "w", encoding="utf-8") as f:
         json.dump(corrupted, f, indent=1)
-    return {"transactions": n, "frauds": int(tx["is_fraud"].sum()), "corrupted": len(corrupted)}
+    return {"transactions": n, "frauds": int(tx["is_fraud"].sum()), "corrupted": len(corrupted)}, damaged
 
-  def _write_labels(self, sim) -> int:
+  def _write_labels(self, sim, ids: List[str]) -> int:
     tx = sim.transactions
-    ids = transaction_ids(sim.seed, len(tx["tx_index"]))
     schema_id, _ = self.registry.latest(schema_registry.LABEL_SUBJECT)
     schema = self.registry.parsed(schema_id)
     frauds = np.nonzero(tx["is_fraud"])[0]
@@ -174,10 +191,30 @@ class Writer:
       wire.write_frames(f, messages)
     return len(messages)
 
+  def _write_legacy(self, sim, ids: List[str], damaged: np.ndarray) -> dict:
+    """Writes the legacy extract of what ``txstream run`` accepts; returns its path and row count.
+
+    The damaged messages never decode, and the validation is the run's own, so
+    a start date before 2000 leaves those days out here as the run
+    dead-letters them.
+    """
+    tx = sim.transactions
+    tokens = pa.array(card_tokens(len(sim.customers["customer_id"]), sim.seed), pa.string())
+    records = pa.table({
+        "transaction_id": pa.array(ids, pa.string()), "event_time": tx["event_time_ms"],
+        "customer_id": tx["customer_id"], "terminal_id": tx["terminal_id"],
+        "card_token": tokens.take(tx["customer_id"]), "amount_minor": amount_minor(tx),
+        "currency": pa.repeat(CURRENCY, len(ids))})
+    valid, _ = validate.validate(records)
+    os.makedirs(os.path.join(self.out, "legacy"), exist_ok=True)
+    path = os.path.join(self.out, "legacy", "decisions.csv")
+    return {"path": path, "rows": legacy.write(records.filter(valid & ~damaged), path)}
+
 
 def generate(out: str, customers: int, terminals: int, days: int, start: datetime.date, seed: int,
-             schema_version: int = 2, corrupt_fraction: float = 0.0) -> dict:
-  writer = Writer(out, schema_version, corrupt_fraction)
+             schema_version: int = 2, corrupt_fraction: float = 0.0, legacy_extract: bool = False) -> dict:
+  """Simulates and writes under ``out``; returns the manifest (also written as ``OUT/manifest.json``)."""
+  writer = Writer(out, schema_version, corrupt_fraction, legacy_extract)
   t0 = time.monotonic()
   sim = simulator.simulate(customers, terminals, days, start, seed)
   _LOGGER.info("simulated %d transactions in %.1fs", sim.n_transactions, time.monotonic() - t0)
