@@ -73,6 +73,10 @@ def test_a_rerun_replaces_its_rows_as_a_new_version(corrupted_input, tmp_path):
   assert len(ids) == len(set(ids)) == first["scored"] == second["scored"]
   assert sorted(_cold_ids(str(tmp_path), version=1)) == sorted(ids)  # time travel: the first run's version
   assert not os.listdir(f"{tmp_path}/cold/_staging"), "a committed run leaves no staged files"
+  # The raw archive holds every accepted message once, whatever the number of runs.
+  assert [s["raw_archive"]["raw"]["version"] for s in (first, second)] == [1, 2]
+  archived = cold_table.read(f"{tmp_path}/cold", table="raw").column("transaction_id").to_pylist()
+  assert sorted(archived) == sorted(ids)
 
 
 def test_split_inputs_sharing_days_keep_every_row(corrupted_input, tmp_path):
@@ -93,3 +97,7 @@ def test_split_inputs_sharing_days_keep_every_row(corrupted_input, tmp_path):
                for half in halves]
   ids = _cold_ids(str(out))
   assert len(ids) == len(set(ids)) == sum(s["scored"] for s in summaries)
+  archived = cold_table.read(f"{out}/cold", table="raw").column("transaction_id").to_pylist()
+  assert sorted(archived) == sorted(ids)
+  labels = cold_table.read(f"{out}/cold", table="raw_labels")
+  assert labels.num_rows == summaries[0]["labels_in"] == summaries[1]["labels_in"]

@@ -95,9 +95,33 @@ def test_a_run_records_its_manifest_beside_the_output_and_in_runs(original, dsn)
   assert stored == json.loads(json.dumps(m))
 
 
+def test_a_run_archives_every_accepted_message_once(original):
+  base, summary = original["base"], original["summary"]
+  assert summary["raw_archive"]["raw"]["messages"] == summary["events_in"] - summary["dead_letter_total"] > 0
+  assert summary["raw_archive"]["raw_labels"]["messages"] == summary["labels_in"] > 0
+  raw = pl.from_arrow(cold_table.read(str(base / "cold"), table="raw"))
+  assert raw.height == summary["events_in"] and raw["transaction_id"].n_unique() == raw.height
+  decisions = pl.from_arrow(cold_table.read(str(base / "cold")))
+  assert set(raw["transaction_id"]) == set(decisions["transaction_id"])
+  assert set(raw["schema_id"]) == {2} and raw["value"].bin.starts_with(b"\x00").all()
+  assert (raw.sort("transaction_id")["event_time"] == decisions.sort("transaction_id")["event_time"]).all()
+
+
+def test_a_rerun_from_the_archive_needs_no_original_input(original, dsn):
+  base = original["base"]
+  os.rename(base / "in" / "transactions", base / "in" / "moved")
+  try:
+    summary = _rerun(original, dsn, "--rerun_id=archived")
+  finally:
+    os.rename(base / "in" / "moved", base / "in" / "transactions")
+  with open(summary["manifest"], encoding="utf-8") as f:
+    assert set(json.load(f)["archive"]["versions"]) == {"raw", "raw_labels"}
+  assert _window_rows(base / "cold" / "reruns" / "archived").equals(_window_rows(base / "cold"))
+
+
 def test_a_rerun_of_a_window_gives_the_original_decisions_in_its_own_namespace(original, dsn):
   base = original["base"]
-  summary = _rerun(original, dsn, "--rerun_id=same")
+  summary = _rerun(original, dsn, "--rerun_id=same", f"--input={base}/in")
   assert summary["kind"] == "rerun" and summary["rerun_of"] == original["run_id"]
   assert summary["scored"] + summary["dead_letter_total"] + summary["filtered"] == summary["events_in"]
   assert summary["filtered_by_reason"]["before_window"] > 0 and summary["filtered_by_reason"]["after_window"] > 0

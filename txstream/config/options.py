@@ -58,6 +58,9 @@ class TierOptions(PipelineOptions):
                         help="Analytics tier, e.g. clickhouse://127.0.0.1:9000/txstream.")
     parser.add_argument("--no_cold", action="store_true", default=False,
                         help="Do not write the cold tier.")
+    parser.add_argument("--no_raw_archive", action="store_true", default=False,
+                        help="Do not archive the accepted input messages in the cold tier (raw/, raw_labels/); "
+                             "a rerun then needs the original input.")
 
 
 class RunOptions(PipelineOptions):

@@ -161,8 +161,14 @@ class DeadLetterBatch(Batch):
   KIND = 6
 
 
+class ArchiveBatch(Batch):
+  """Accepted input messages as received, for the raw archive (``contracts.ARCHIVE``)."""
+  SCHEMA = contracts.ARCHIVE
+  KIND = 7
+
+
 _KINDS: Dict[int, Type[Batch]] = {cls.KIND: cls for cls in (RawBatch, TransactionBatch, LabelBatch, FeaturedBatch,
-                                                             DecisionBatch, DeadLetterBatch)}
+                                                             DecisionBatch, DeadLetterBatch, ArchiveBatch)}
 
 
 def _decode(encoded: bytes) -> Batch:

@@ -75,6 +75,17 @@ TRANSACTION = pa.schema([
     ("reference_version", pa.string()),
 ])
 
+# An accepted input message as received, for the raw archive (``io.raw_archive``): transactions with their
+# event time, labels with their label time.
+ARCHIVE = pa.schema([
+    ("transaction_id", pa.string()),
+    ("source", pa.string()),
+    ("value", pa.binary()),
+    ("timestamp_ms", pa.int64()),    # the broker's record time (null for files)
+    ("event_time_ms", pa.int64()),
+    ("schema_id", pa.int32()),
+])
+
 LABEL = pa.schema([
     ("transaction_id", pa.string()),
     ("label_time_ms", pa.int64()),   # when the fraud became known

@@ -61,7 +61,7 @@ def storage_options(options: Optional[PipelineOptions]) -> dict:
   return out
 
 
-def _filesystem(path: str, options: dict):
+def filesystem(path: str, options: dict):
   """(pyarrow filesystem, path within it) for reading the staged files."""
   if not path.startswith("s3://"):
     return pyarrow.fs.LocalFileSystem(), path
@@ -78,7 +78,7 @@ def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) ->
   """MERGEs the run's staged rows into the table (one version) and removes the staging directory."""
   from deltalake import DeltaTable
   storage = storage_options(options)
-  fs, where = _filesystem(staging_path(root, run_id), storage)
+  fs, where = filesystem(staging_path(root, run_id), storage)
   files = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
            if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
   if not files:
@@ -102,10 +102,10 @@ def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) ->
   return Committed(version, inserted, updated)
 
 
-def read(root: str, options: Optional[PipelineOptions] = None, version=None) -> pa.Table:
-  """The table's rows (as of ``version``: a version number or a datetime)."""
+def read(root: str, options: Optional[PipelineOptions] = None, version=None, table: str = TABLE) -> pa.Table:
+  """The rows of the cold root's ``table`` (as of ``version``: a version number or a datetime)."""
   from deltalake import DeltaTable
-  table = DeltaTable(table_path(root), storage_options=storage_options(options))
+  table = DeltaTable(FileSystems.join(root, table), storage_options=storage_options(options))
   if version is not None:
     table.load_as_version(version)
   dataset = table.to_pyarrow_dataset()

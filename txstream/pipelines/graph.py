@@ -17,6 +17,7 @@ from txstream.core.batch import DeadLetterBatch
 from txstream.core.enrich import Reference
 from txstream.config.options import FeatureOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
+from txstream.io import raw_archive
 from txstream.io.kafka_read import ReadFromKafkaNative, ReadTransactionsFromKafka
 from txstream.transforms.enrich import Enrich
 from txstream.transforms.features import ComputeFeatures
@@ -41,6 +42,7 @@ class GraphOutputs(NamedTuple):
   kafka_ranges: Optional[Ranges] = None
   label_ranges: Optional[Ranges] = None
   rules_version: Optional[str] = None
+  archived: bool = False  # the run staged its accepted messages for the raw archive
 
 
 class Sources(NamedTuple):
@@ -48,6 +50,7 @@ class Sources(NamedTuple):
   raw: Optional[beam.PCollection] = None
   raw_labels: Optional[beam.PCollection] = None
   reference: Optional[Reference] = None
+  archive: Optional[Tuple[str, Optional[int]]] = None  # (cold root, end ms): read its raw archive (a rerun)
 
 
 class FeatureOutputs(NamedTuple):
@@ -58,6 +61,7 @@ class FeatureOutputs(NamedTuple):
   reference_version: Optional[str] = None
   kafka_ranges: Optional[Ranges] = None
   label_ranges: Optional[Ranges] = None
+  archive: Tuple[beam.PCollection, ...] = ()  # (transactions, labels) ArchiveBatches when archiving
 
 
 class _KafkaSources(NamedTuple):
@@ -108,6 +112,9 @@ def _reads(pipeline: beam.Pipeline, options, sources: Sources):
   kafka = _kafka_sources(options) if sources.raw is None and options.view_as(KafkaOptions).topic else None
   if sources.raw is not None:
     raw = ReadResult(sources.raw, pipeline | "NoReadDeadLetters" >> beam.Create([]).with_output_types(DeadLetterBatch))
+  elif sources.archive is not None:
+    raw = pipeline | "ReadTransactions" >> ReadFromSource(
+        raw_archive.ReadArchive(sources.archive[0], raw_archive.TRANSACTIONS, sources.archive[1], options))
   elif kafka is not None:
     raw = pipeline | "ReadTransactions" >> ReadFromSource(kafka.transactions)
   else:
@@ -116,6 +123,9 @@ def _reads(pipeline: beam.Pipeline, options, sources: Sources):
   if sources.raw_labels is not None:
     labels = ReadResult(sources.raw_labels,
                         pipeline | "NoLabelReadDeadLetters" >> beam.Create([]).with_output_types(DeadLetterBatch))
+  elif sources.archive is not None:
+    labels = pipeline | "ReadLabels" >> ReadFromSource(
+        raw_archive.ReadArchive(sources.archive[0], raw_archive.LABELS, sources.archive[1], options), "labels")
   elif kafka is not None and kafka.labels is not None:
     labels = pipeline | "ReadLabels" >> ReadFromSource(kafka.labels, "labels")
   elif src.input:
@@ -124,11 +134,12 @@ def _reads(pipeline: beam.Pipeline, options, sources: Sources):
 
 
 def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
-                   window: Optional[Tuple[int, int]] = None) -> FeatureOutputs:
+                   window: Optional[Tuple[int, int]] = None, archive: bool = False) -> FeatureOutputs:
   """Read -> DecodeAndValidate -> Enrich -> ComputeFeatures: shared by scoring and training.
 
   ``window`` = (from_ms, to_ms) decides only the events in ``[from, to)``,
-  those before read as feature state (``EventWindow``).
+  those before read as feature state (``EventWindow``). ``archive`` also
+  returns the accepted messages for the raw archive (``io.raw_archive``).
   """
   src = options.view_as(SourceOptions)
   feat = options.view_as(FeatureOptions)
@@ -137,11 +148,13 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
     enrich = Enrich(reference=sources.reference)
   else:
     enrich = Enrich(src.reference_dir or os.path.join(src.input or ".", "reference"))
-  decoded = raw.records | "DecodeAndValidate" >> DecodeAndValidate(src.schema_registry_url)
+  decoded = raw.records | "DecodeAndValidate" >> DecodeAndValidate(src.schema_registry_url, archive)
+  archived = (decoded.archive,) if archive else ()
   labels, label_dead = None, []
   if raw_labels is not None:
-    decoded_labels = raw_labels.records | "DecodeLabels" >> DecodeLabels(src.schema_registry_url)
+    decoded_labels = raw_labels.records | "DecodeLabels" >> DecodeLabels(src.schema_registry_url, archive)
     labels, label_dead = decoded_labels.valid, [raw_labels.dead_letters, decoded_labels.dead_letters]
+    archived += (decoded_labels.archive,) if archive else ()
   valid = decoded.valid
   if window is not None:
     valid = valid | "EventWindow" >> EventWindow(*window)
@@ -154,7 +167,7 @@ def build_features(pipeline: beam.Pipeline, options, sources: Sources = Sources(
   label_dead = (label_dead or [pipeline | "NoLabels" >> beam.Create([]).with_output_types(DeadLetterBatch)]
                 ) | "AllLabelDeadLetters" >> beam.Flatten()
   return FeatureOutputs(features.featured, features.filtered, dead, label_dead, enrich.reference_version,
-                        kafka_ranges, label_ranges)
+                        kafka_ranges, label_ranges, archived)
 
 
 def kafka_file_tag(topic: str, ranges: Ranges) -> str:
@@ -187,7 +200,14 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
   tiers = options.view_as(TierOptions)
   score = _score(pipeline, options)  # checks the model and rules before anything is read
   write_tiers = write_tiers or build_tiers(options)
-  features = build_features(pipeline, options, sources, window)
+  cold_path = write_tiers.config.cold_path
+  # A bounded run archives its accepted messages; the run driver commits them (``io.raw_archive``).
+  archive = (bool(cold_path) and window is None and not tiers.no_raw_archive
+             and not options.view_as(StandardOptions).streaming)
+  features = build_features(pipeline, options, sources, window, archive)
+  if archive:
+    for table, rows in zip((raw_archive.TRANSACTIONS, raw_archive.LABELS), features.archive):
+      rows | f"Archive_{table}" >> raw_archive.StageArchive(cold_path, write_tiers.config.run_id, table)
   decisions = features.featured | "Score" >> score
   file_tag = "00000"
   if features.kafka_ranges is not None:
@@ -214,4 +234,4 @@ def build_graph(pipeline: beam.Pipeline, options, sources: Sources = Sources(),
         all_dead | "WriteDeadLettersToPostgres" >> WriteDeadLettersToPostgres(tiers.postgres_dsn)).written
   return GraphOutputs(decisions, features.dead_letters, features.label_dead_letters, features.filtered, written,
                       score.model_version, features.reference_version, features.kafka_ranges,
-                      features.label_ranges, score.rules_version)
+                      features.label_ranges, score.rules_version, archive)

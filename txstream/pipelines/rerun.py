@@ -2,13 +2,14 @@
 
 The window is ``[--from, --to)`` in event time, UTC (a date means its
 midnight; a time with an offset is converted). Every transaction of the input
-is read; those before ``--from`` are feature state only and those from
+(the production cold tier's raw archive, ``io.raw_archive``, unless
+``--input DIR`` is given) is read; those before ``--from`` are feature state only and those from
 ``--to`` on are dropped (``transforms.validate.EventWindow``), so each
 transaction in the window gets the features the original run gave it.
 
 ``--of RUN_ID`` names the original run: its manifest
-(``<cold_path>/manifests/RUN_ID.json``) supplies the input directory, model,
-rules and reference data, and the rerun refuses to start if any of them
+(``<cold_path>/manifests/RUN_ID.json``) supplies the model, rules and
+reference data (and the input directory when there is no archive), and the rerun refuses to start if any of them
 changed since (their hashes are in the manifest) unless given explicitly, in
 which case the manifest records what differed.
 
@@ -34,6 +35,7 @@ from txstream.config.options import ScoreOptions, SourceOptions, TierOptions
 from txstream.core import contracts
 from txstream.io.kafka_config import KafkaOptions
 from txstream.pipelines import manifest as manifest_lib
+from txstream.pipelines.graph import Sources
 from txstream.pipelines.run import ConfigError, check_config, execute
 
 RERUNS = "reruns"
@@ -82,13 +84,9 @@ def namespace_dsn(dsn: str, schema: str) -> str:
 
 
 def _defaults_from(original: dict, options) -> dict:
-  """Fills input, model, rules and reference data from the original's manifest; returns what was overridden."""
+  """Fills model, rules and reference data from the original's manifest; returns what was overridden."""
   src, score = options.view_as(SourceOptions), options.view_as(ScoreOptions)
   overridden = {}
-  if not src.input:
-    src.input = (original.get("source") or {}).get("input")
-    if not src.input:
-      raise ConfigError(f"run {original['run_id']} did not read an input directory: give --input DIR")
   if score.model_dir is None:
     score.model_dir = None if original["model"]["dir"] == "bundled" else original["model"]["dir"]
   else:
@@ -157,10 +155,41 @@ def rerun(options: PipelineOptions) -> dict:
     except FileNotFoundError as e:
       raise ConfigError(str(e)) from e
     overridden = _defaults_from(original, options)
-  check_config(options)
+  sources = _source(options, window, original)
   if original is not None:
     _check_unchanged(original, options, overridden)
   space, runs_dsn = ({}, None) if flags.promote else _namespace(options, rerun_id)
   extra = {"rerun_of": flags.rerun_of, "promoted": flags.promote, "namespace": space or "production",
            "overridden": overridden}
-  return execute(options, rerun_id, kind="rerun", window=window, manifest_extra=extra, runs_dsn=runs_dsn)
+  if sources.archive is not None:
+    extra["archive"] = {"root": sources.archive[0], "versions": _archive_versions(sources.archive[0], options)}
+  return execute(options, rerun_id, kind="rerun", window=window, manifest_extra=extra, runs_dsn=runs_dsn,
+                 sources=sources)
+
+
+def _source(options, window: Tuple[int, int], original: Optional[dict]) -> Sources:
+  """``--input DIR`` when given; else the production raw archive; else the original's input directory."""
+  src, tiers = options.view_as(SourceOptions), options.view_as(TierOptions)
+  if not src.input:
+    if _archive_versions(tiers.cold_path, options):
+      if not src.reference_dir:
+        raise ConfigError("a rerun from the raw archive needs --reference_dir DIR (or --of RUN_ID)")
+      return Sources(archive=(tiers.cold_path, window[1]))
+    src.input = ((original or {}).get("source") or {}).get("input")
+    if not src.input:
+      raise ConfigError(f"no raw archive under {tiers.cold_path} and no input directory: give --input DIR")
+  check_config(options)
+  return Sources()
+
+
+def _archive_versions(root: str, options) -> dict:
+  """{table: version} of the raw archive under the cold root; empty when there is none."""
+  from deltalake import DeltaTable
+  from txstream.io import cold_table, raw_archive
+  storage = cold_table.storage_options(options)
+  out = {}
+  for table in (raw_archive.TRANSACTIONS, raw_archive.LABELS):
+    uri = FileSystems.join(root, table)
+    if DeltaTable.is_deltatable(uri, storage_options=storage):
+      out[table] = DeltaTable(uri, storage_options=storage).version()
+  return out

@@ -20,10 +20,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import txstream
 from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
-from txstream.io import cold_table
+from txstream.io import cold_table, raw_archive
 from txstream.io.kafka_offsets import commit_offsets
 from txstream.pipelines import manifest as manifest_lib
-from txstream.pipelines.graph import build_graph, build_tiers
+from txstream.pipelines.graph import Sources, build_graph, build_tiers
 from txstream.runners.profiles import run_context, runner_for
 
 _LOGGER = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ def _record_manifest(runs_dsn: Optional[str], cold_root: Optional[str], manifest
 
 
 def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Optional[Tuple[int, int]] = None,
-            manifest_extra: Optional[dict] = None, runs_dsn: Optional[str] = None) -> dict:
+            manifest_extra: Optional[dict] = None, runs_dsn: Optional[str] = None,
+            sources: Sources = Sources()) -> dict:
   """Runs the graph once, bounded, with a manifest for the run; returns the summary.
 
   The manifest (``pipelines.manifest``) is written at the start and again at
@@ -166,14 +167,15 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   versions, the inputs, the window, then the summary and the exit status. A
   run that fails still ends its manifest, as ``failed`` with the error.
   ``window`` = (from_ms, to_ms): only events in ``[from, to)`` are decided,
-  those before are read as feature state only (a rerun).
+  those before are read as feature state only (a rerun); ``sources`` can
+  replace the inputs (a rerun reads the raw archive).
   """
   write_tiers = preflight_tiers(options, run_id)
   cold_path = write_tiers.config.cold_path
   start = time.monotonic()
   runner = runner_for(options)
   pipeline = beam.Pipeline(runner=runner, options=options)
-  outputs = build_graph(pipeline, options, write_tiers=write_tiers, window=window)
+  outputs = build_graph(pipeline, options, sources=sources, write_tiers=write_tiers, window=window)
   runs_dsn = runs_dsn or options.view_as(TierOptions).postgres_dsn
   manifest = _start_manifest(options, run_id, kind, outputs, window, manifest_extra or {})
   _record_manifest(runs_dsn, cold_path, manifest, first=True)
@@ -217,6 +219,10 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
     summary["cold_table_version"] = committed.version
     # What the table took, not what the writers counted (a runner may drop a bundle's late counter updates).
     summary["tiers"]["cold"] = committed.inserted + committed.updated
+    if outputs.archived:
+      archived = {table: raw_archive.commit(cold_path, run_id, table, options)
+                  for table in (raw_archive.TRANSACTIONS, raw_archive.LABELS)}
+      summary["raw_archive"] = {table: {"messages": c.rows, "version": c.version} for table, c in archived.items()}
   if outputs.kafka_ranges is not None:
     # Only now, with every tier written, do the offsets move on: a run that
     # dies earlier leaves them where they were and the next run rereads its

@@ -13,17 +13,21 @@ import apache_beam as beam
 import pyarrow.compute as pc
 
 from txstream.core import decode
-from txstream.core.batch import DeadLetterBatch, LabelBatch, RawBatch, TransactionBatch
-from txstream.io import schema_registry
+from txstream.core.batch import ArchiveBatch, DeadLetterBatch, LabelBatch, RawBatch, TransactionBatch
+from txstream.io import raw_archive, schema_registry
 from txstream.transforms import counting
 
 _LOGGER = logging.getLogger(__name__)
 DEAD = "dead_letters"
 
 
+ARCHIVE = "archive"
+
+
 class DecodeResult(NamedTuple):
   valid: beam.PCollection
   dead_letters: beam.PCollection
+  archive: Optional[beam.PCollection] = None  # ArchiveBatch of the accepted messages, when asked for
 
 
 def decoder(registry_url: Optional[str], subject: str = schema_registry.TRANSACTION_SUBJECT) -> decode.Decoder:
@@ -32,8 +36,9 @@ def decoder(registry_url: Optional[str], subject: str = schema_registry.TRANSACT
 
 
 class _DecodeFn(beam.DoFn):
-  def __init__(self, registry_url: Optional[str]):
+  def __init__(self, registry_url: Optional[str], archive: bool = False):
     self._registry_url = registry_url
+    self._archive = archive
 
   def setup(self):
     self._decoder = decoder(self._registry_url)
@@ -44,27 +49,35 @@ class _DecodeFn(beam.DoFn):
     counting.dead_letters(dead)
     if valid.num_rows:
       yield TransactionBatch(valid)
+      if self._archive:
+        yield beam.pvalue.TaggedOutput(ARCHIVE, ArchiveBatch(raw_archive.archive_rows(raw.table, valid,
+                                                                                       "event_time_ms")))
     if dead.num_rows:
       yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
 
 
 class DecodeAndValidate(beam.PTransform[beam.PCollection[RawBatch], DecodeResult]):
-  """RawBatches -> (TransactionBatches, DeadLetterBatches with stage 'decode' and a reason)."""
-  def __init__(self, schema_registry_url: Optional[str] = None):
+  """RawBatches -> (TransactionBatches, DeadLetterBatches with stage 'decode' and a reason).
+
+  With ``archive``, also the accepted messages as received (``io.raw_archive``).
+  """
+  def __init__(self, schema_registry_url: Optional[str] = None, archive: bool = False):
     super().__init__()
     if schema_registry_url:
       schema_registry.HttpSchemaRegistry(schema_registry_url)  # validates the URL now
     self._registry_url = schema_registry_url
+    self._archive = archive
 
   def expand(self, batches):
-    results = batches | "Decode" >> beam.ParDo(_DecodeFn(self._registry_url)).with_output_types(
-        TransactionBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="valid")
-    return DecodeResult(results.valid, results[DEAD])
+    results = batches | "Decode" >> beam.ParDo(_DecodeFn(self._registry_url, self._archive)).with_output_types(
+        TransactionBatch, **{DEAD: DeadLetterBatch, ARCHIVE: ArchiveBatch}).with_outputs(DEAD, ARCHIVE, main="valid")
+    return DecodeResult(results.valid, results[DEAD], results[ARCHIVE] if self._archive else None)
 
 
 class _DecodeLabelFn(beam.DoFn):
-  def __init__(self, registry_url: Optional[str]):
+  def __init__(self, registry_url: Optional[str], archive: bool = False):
     self._registry_url = registry_url
+    self._archive = archive
 
   def setup(self):
     self._decoder = decoder(self._registry_url, schema_registry.LABEL_SUBJECT)
@@ -74,20 +87,24 @@ class _DecodeLabelFn(beam.DoFn):
     counting.dead_letters(dead, "label_dead_letter")
     if labels.num_rows:
       yield LabelBatch(labels)
+      if self._archive:
+        yield beam.pvalue.TaggedOutput(ARCHIVE, ArchiveBatch(raw_archive.archive_rows(raw.table, labels,
+                                                                                       "label_time_ms")))
     if dead.num_rows:
       yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
 
 
 class DecodeLabels(beam.PTransform[beam.PCollection[RawBatch], DecodeResult]):
   """RawBatches of the label stream -> (LabelBatches, DeadLetterBatches with stage 'decode_label')."""
-  def __init__(self, schema_registry_url: Optional[str] = None):
+  def __init__(self, schema_registry_url: Optional[str] = None, archive: bool = False):
     super().__init__()
     self._registry_url = schema_registry_url
+    self._archive = archive
 
   def expand(self, batches):
-    results = batches | "Decode" >> beam.ParDo(_DecodeLabelFn(self._registry_url)).with_output_types(
-        LabelBatch, **{DEAD: DeadLetterBatch}).with_outputs(DEAD, main="valid")
-    return DecodeResult(results.valid, results[DEAD])
+    results = batches | "Decode" >> beam.ParDo(_DecodeLabelFn(self._registry_url, self._archive)).with_output_types(
+        LabelBatch, **{DEAD: DeadLetterBatch, ARCHIVE: ArchiveBatch}).with_outputs(DEAD, ARCHIVE, main="valid")
+    return DecodeResult(results.valid, results[DEAD], results[ARCHIVE] if self._archive else None)
 
 
 class _EventWindowFn(beam.DoFn):
