@@ -24,6 +24,7 @@ REQUIRED = [
     "polars>=1.30",
     "deltalake>=1.6,<2",  # the cold tier is a Delta table (MERGE on transaction_id, a version per run)
     "pyyaml>=6",
+    "vl-convert-python>=1.9,<2",  # reconcile's report.html: Altair charts rendered to inline SVG, no network
     "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
 ]
 

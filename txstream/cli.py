@@ -10,10 +10,12 @@ import datetime
 import json
 import logging
 import sys
+import textwrap
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from txstream import services
+from txstream.reconcile import command as reconcile
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ def _all_option_classes():
   # Importing registers txstream's own option classes with Beam.
   import txstream.config.options  # pylint: disable=unused-import
   import txstream.io.kafka_config  # pylint: disable=unused-import
+  import txstream.pipelines.rerun  # pylint: disable=unused-import
   seen, stack = {}, list(PipelineOptions.__subclasses__())
   while stack:
     cls = stack.pop()
@@ -97,6 +100,12 @@ def _run_parser(sub):
   p.add_argument("-h", "--help", action="store_true")
 
 
+def _rerun_parser(sub):
+  p = sub.add_parser("rerun", help="Decide a historical event-time window again, into its own namespace.",
+                     add_help=False, description="All standard Beam flags pass through.")
+  p.add_argument("-h", "--help", action="store_true")
+
+
 def _stream_parser(sub):
   p = sub.add_parser("stream", help="Run the graph live from Kafka until Ctrl-C (or --duration_s).",
                      add_help=False, description="All standard Beam flags pass through.")
@@ -132,7 +141,22 @@ def _train_parser(sub):
 def _run_help(command: str = "run"):
   import txstream.config.options as o
   from txstream.io.kafka_config import KafkaOptions
-  if command == "stream":
+  epilog = None
+  if command == "rerun":
+    from txstream.pipelines.rerun import RerunOptions
+    description = ("Decide the event-time window [--from, --to) again: every transaction before --from is read "
+                   "as feature state only, so each one in the window gets the features the original run gave it. "
+                   "Reads the cold tier's raw archive (or --input DIR); with --of RUN_ID the model, rules and "
+                   "reference data default to the original's, checked unchanged. Writes to the rerun's namespace "
+                   "(<cold_path>/reruns/<id>/, PostgreSQL schema rerun_<id>; no hot or analytics tier) unless "
+                   "--promote.")
+    groups = (RerunOptions, o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions)
+    epilog = ("examples:\n"
+              "  txstream rerun --of RUN_ID --from 2018-04-15 --to 2018-04-18 --rerun_id april15\n"
+              "  txstream reconcile --left delta:out/cold/decisions --right rerun:april15 --report out/report\n"
+              "  txstream rerun --of RUN_ID --from 2018-04-15T00:00:00+02:00 --to 2018-04-16 --rules new.yaml "
+              "--promote")
+  elif command == "stream":
     description = ("Run the graph live from Kafka: on the DirectRunner the live hot path (one fused stage, "
                    "feature state in the worker, offsets committed after the tiers), on --runner FlinkRunner/"
                    "DataflowRunner/PrismRunner the full streaming graph. Stops cleanly on Ctrl-C.")
@@ -142,8 +166,10 @@ def _run_help(command: str = "run"):
                    "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also "
                    "applies.")
     groups = (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions)
-  parser = argparse.ArgumentParser(prog=f"txstream {command}", description=description)
-  parser.add_argument("--bootstrap_servers", help="Kafka brokers host:port[,...] (with --topic instead of --input).")
+  parser = argparse.ArgumentParser(prog=f"txstream {command}", description=textwrap.fill(description, 100),
+                                   epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+  if command != "rerun":
+    parser.add_argument("--bootstrap_servers", help="Kafka brokers host:port[,...] (with --topic instead of --input).")
   for cls in groups:
     cls._add_argparse_args(parser.add_argument_group(cls.__name__))  # pylint: disable=protected-access
   parser.print_help()
@@ -153,12 +179,14 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
-  sub = parser.add_subparsers(dest="command", metavar="{generate,run,stream,train,services}")
+  sub = parser.add_subparsers(dest="command", metavar="{generate,run,rerun,stream,train,services,reconcile}")
   _generate_parser(sub)
   _run_parser(sub)
+  _rerun_parser(sub)
   _stream_parser(sub)
   _train_parser(sub)
   services.add_parser(sub)
+  reconcile.add_parser(sub)
   try:
     if not argv or argv[0] in ("-h", "--help"):
       parser.print_help()
@@ -168,6 +196,11 @@ def main(argv=None) -> int:
         _run_help()
         return 0
       return _run(argv[1:])
+    if argv[0] == "rerun":
+      if "-h" in argv[1:] or "--help" in argv[1:]:
+        _run_help("rerun")
+        return 0
+      return _rerun(argv[1:])
     if argv[0] == "stream":
       if "-h" in argv[1:] or "--help" in argv[1:]:
         _run_help("stream")
@@ -180,6 +213,8 @@ def main(argv=None) -> int:
       return _train(args)
     if args.command == "services":
       return services.run(args)
+    if args.command == "reconcile":
+      return reconcile.run(args)
     raise UsageError(f"unknown command {argv[0]!r}")
   except UsageError as e:
     print(f"txstream: error: {e}", file=sys.stderr)
@@ -199,27 +234,30 @@ def _config_errors():
   return (ConfigError, ModelError, RulesError, SinkConfigError, KafkaConfigError, RunnerError)
 
 
-def _run(argv) -> int:
-  from txstream.pipelines import run as run_lib
+def _pipeline_command(argv, execute) -> int:
+  """Parses Beam-style flags, runs ``execute(options)`` and prints its summary; config mistakes as one line."""
   try:
-    options = pipeline_options(argv)
-    summary = run_lib.run(options=options)
+    summary = execute(pipeline_options(argv))
   except _config_errors() as e:
     raise UsageError(str(e)) from e
   print(json.dumps(summary, indent=2, sort_keys=True))
   return 0
+
+
+def _run(argv) -> int:
+  from txstream.pipelines import run as run_lib
+  return _pipeline_command(argv, lambda options: run_lib.run(options=options))
+
+
+def _rerun(argv) -> int:
+  from txstream.pipelines import rerun as rerun_lib
+  return _pipeline_command(argv, rerun_lib.rerun)
 
 
 def _stream(argv) -> int:
   from txstream.pipelines import stream as stream_lib
   logging.getLogger("txstream").setLevel(logging.INFO)
-  try:
-    options = pipeline_options(argv)
-    summary = stream_lib.stream(options)
-  except _config_errors() as e:
-    raise UsageError(str(e)) from e
-  print(json.dumps(summary, indent=2, sort_keys=True))
-  return 0
+  return _pipeline_command(argv, stream_lib.stream)
 
 
 def _generate(args) -> int:

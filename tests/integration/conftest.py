@@ -68,3 +68,25 @@ def s3_bucket(services) -> S3Bucket:
     yield S3Bucket(endpoint_url, bucket, options)
   finally:
     FileSystems.set_options(previous)
+
+
+@pytest.fixture(scope="module")
+def fresh_postgres(services):
+  """A factory of new, empty PostgreSQL databases (DSNs), dropped after the module."""
+  import psycopg2
+  endpoint = services.require("postgres")
+  admin = psycopg2.connect(host=endpoint.host, port=endpoint.port, user="postgres", dbname="postgres")
+  admin.autocommit = True
+  made = []
+
+  def make(prefix: str = "txstream_it") -> str:
+    made.append(f"{prefix}_{uuid.uuid4().hex[:8]}")
+    with admin.cursor() as cur:
+      cur.execute(f"CREATE DATABASE {made[-1]}")
+    return f"host={endpoint.host} port={endpoint.port} user=postgres dbname={made[-1]}"
+
+  yield make
+  with admin.cursor() as cur:
+    for database in made:
+      cur.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+  admin.close()

@@ -12,14 +12,14 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 
 import polars as pl
 import psycopg2
 import pytest
 import yaml
 
-from txstream.io import cold_table
+from txstream import cli
+from txstream.io import cold_table, parquet
 from txstream.pipelines import generate, manifest, rerun, run
 from txstream.pipelines.run import ConfigError
 
@@ -27,17 +27,8 @@ WINDOW = ("2018-04-15", "2018-04-18")
 
 
 @pytest.fixture(scope="module")
-def dsn(services):
-  pg = services.require("postgres")
-  dbname = f"txstream_rerun_{uuid.uuid4().hex[:8]}"
-  admin = psycopg2.connect(host=pg.host, port=pg.port, user="postgres", dbname="postgres")
-  admin.autocommit = True
-  with admin.cursor() as cur:
-    cur.execute(f"CREATE DATABASE {dbname}")
-  yield f"host={pg.host} port={pg.port} user=postgres dbname={dbname}"
-  with admin.cursor() as cur:
-    cur.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
-  admin.close()
+def dsn(fresh_postgres):
+  return fresh_postgres("txstream_rerun")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +129,24 @@ def test_a_rerun_of_a_window_gives_the_original_decisions_in_its_own_namespace(o
     assert cur.fetchone() == ("rerun", "succeeded", original["run_id"], "2018-04-15T00:00:00+00:00")
 
 
+def test_a_rerun_reconciles_with_its_original_to_parity(original, dsn, tmp_path, capsys):
+  base = original["base"]
+  _rerun(original, dsn, "--rerun_id=proof")
+  columns = [f.name for f in parquet.COLD_SCHEMA if f.name not in ("transaction_id", "decided_at")]
+  args = ["reconcile", f"--left=delta:{base}/cold@{original['summary']['cold_table_version']}", "--right=rerun:proof",
+          f"--cold_path={base}/cold", f"--from={WINDOW[0]}", f"--to={WINDOW[1]}", "--by=day",
+          f"--report={tmp_path}/report"]
+  assert cli.main(args + [f"--columns={','.join(columns)}"]) == 0
+  with open(tmp_path / "report" / "report.json", encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["parity"] and report["matched"] == report["left_rows"] == report["right_rows"] > 0
+  assert [w["window"] for w in report["windows"]] == ["2018-04-15", "2018-04-16", "2018-04-17"]
+  # decided_at is when each run decided: it differs on every row, and reconcile says so.
+  capsys.readouterr()
+  assert cli.main(args + ["--columns=decided_at"]) == 1
+  assert json.loads(capsys.readouterr().out)["mismatched_rows"] == report["matched"]
+
+
 def test_a_rerun_refuses_changed_rules_unless_given_explicitly(original, dsn, tmp_path):
   rules = yaml.safe_load(original["rules"].read_text())
   rules["score_thresholds"]["review"] = 0.05
@@ -172,6 +181,17 @@ def test_a_promoted_rerun_is_a_new_version_and_the_one_before_reads_as_the_origi
   with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
     cur.execute("SELECT count(*) FROM public.decisions WHERE rules_version = %s", (summary["rules_version"],))
     assert cur.fetchone()[0] == summary["scored"]
+
+
+def test_the_command_reruns_and_reports_mistakes_in_one_line(original, dsn, capsys):
+  base = original["base"]
+  common = [f"--cold_path={base}/cold", f"--dead_letter_path={base}/dead", f"--of={original['run_id']}"]
+  assert cli.main(["rerun", "--from=2018-04-16", "--to=2018-04-17", "--rerun_id=cli", *common]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["run_id"] == "cli" and printed["scored"] == _window_rows(base / "cold").filter(
+      pl.col("event_time").dt.day() == 16).height
+  assert cli.main(["rerun", "--from=2018-04-16", "--to=2018-04-17", "--rerun_id=a b", *common]) == 2
+  assert capsys.readouterr().err.strip() == "txstream: error: --rerun_id 'a b': use 1-48 letters, digits, - and _"
 
 
 def test_bad_windows_are_one_line_errors(original, dsn):

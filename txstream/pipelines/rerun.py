@@ -45,14 +45,14 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 class RerunOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument("--from", dest="window_from", default=None,
+    parser.add_argument("--from", dest="window_from", default=None, metavar="TIME",
                         help="Start of the event-time window, inclusive: YYYY-MM-DD or ISO-8601 time (UTC unless "
                              "it has an offset).")
-    parser.add_argument("--to", dest="window_to", default=None,
+    parser.add_argument("--to", dest="window_to", default=None, metavar="TIME",
                         help="End of the event-time window, exclusive (same formats).")
-    parser.add_argument("--of", dest="rerun_of", default=None,
-                        help="Run id of the original run: its manifest supplies input, model, rules and "
-                             "reference data (each checked unchanged).")
+    parser.add_argument("--of", dest="rerun_of", default=None, metavar="RUN_ID",
+                        help="The original run: its manifest supplies the model, rules and reference data (each "
+                             "checked unchanged), and the input directory when there is no raw archive.")
     parser.add_argument("--rerun_id", default=None,
                         help="Name of the rerun's namespace (letters, digits, - and _; default rerun-<time>).")
     parser.add_argument("--promote", action="store_true", default=False,
