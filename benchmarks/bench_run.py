@@ -21,6 +21,7 @@ earliest``, to the end offsets at the start).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   input_dir = generate(args.days, args.customers, args.terminals)
   summary_path = os.path.join(args.out, "summary.json")
+  # A run over new data into an empty cold tier, every time (a rerun into the same table would MERGE instead).
+  shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out, exist_ok=True)
   flags = [f"--summary_json={summary_path}", f"--dead_letter_path={args.out}/dead"]
   produced = None

@@ -4,22 +4,28 @@
 Parquet files), on a local path or ``s3://``. A run never writes into it
 directly: its writers stage Parquet files under ``<root>/_staging/<run_id>/``
 (``io.parquet.DayFiles``: one file per event day and writer), and once the
-whole pipeline has succeeded the run driver calls ``commit``, which MERGEs
-every staged row into the table on ``transaction_id`` (a transaction the
+whole pipeline has succeeded the run driver calls ``commit``, which puts every
+staged row into the table keyed on ``transaction_id`` (a transaction the
 table holds is replaced, a new one inserted) in one table version, then
-removes the staging directory. So each transaction is in the table exactly
+removes the staging directory: new transactions only (the usual run) by
+moving the staged files into the table and committing them as they are,
+otherwise by a MERGE (``upsert``). So each transaction is in the table exactly
 once after any sequence of runs, reruns and split inputs; a run that crashed
 committed nothing (its staging directory stays behind, never read); and every
 run is a version to read back (time travel: ``DeltaTable(path, version=N)``
 or ``load_as_version(datetime)``).
 """
 import gc
+import json
 import logging
-from typing import NamedTuple, Optional
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -74,32 +80,89 @@ def filesystem(path: str, options: dict):
   return fs, path[len("s3://"):]
 
 
+class Staged(NamedTuple):
+  """A staged Parquet file of a run (a path of ``fs``) and the event day it holds (``YYYY-MM-DD``)."""
+  path: str
+  event_date: str
+
+
 def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) -> Committed:
-  """MERGEs the run's staged rows into the table (one version) and removes the staging directory."""
-  from deltalake import DeltaTable
+  """Publishes the run's staged rows in the table (one version) and removes the staging directory."""
   storage = storage_options(options)
   fs, where = filesystem(staging_path(root, run_id), storage)
-  files = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
-           if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
-  if not files:
+  staged = [Staged(f.path, f.path.rsplit("/", 2)[-2].split("=", 1)[1])
+            for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
+            if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
+  if not staged:
     return Committed(None, 0, 0)
-  source = ds.dataset(files, format="parquet", filesystem=fs, schema=parquet.COLD_SCHEMA)
-  uri = table_path(root)
-  if not DeltaTable.is_deltatable(uri, storage_options=storage):
-    DeltaTable.create(uri, schema=parquet.COLD_SCHEMA, partition_by=["event_date"], storage_options=storage,
-                      name="decisions", description="txstream decisions, one row per transaction_id")
-  table = DeltaTable(uri, storage_options=storage)
+  source = ds.dataset([f.path for f in staged], format="parquet", filesystem=fs, schema=parquet.COLD_SCHEMA)
   # Arrow's threaded scans through deltalake can leave threads that abort the process at exit
   # (delta-io/delta-rs#2184): one thread here, and in ``read``.
-  metrics = (table.merge(source=source.scanner(use_threads=False).to_reader(),
-                         predicate="t.transaction_id = s.transaction_id",
-                         source_alias="s", target_alias="t", streamed_exec=True)
-             .when_matched_update_all().when_not_matched_insert_all().execute())
+  committed = upsert(table_path(root), parquet.COLD_SCHEMA, ("transaction_id",), fs, staged, run_id,
+                     lambda: source.scanner(use_threads=False).to_reader(),
+                     source.to_table(columns=["transaction_id"], use_threads=False), storage,
+                     "txstream decisions, one row per transaction_id")
   fs.delete_dir(where)
-  version = DeltaTable(uri, storage_options=storage).version()
-  inserted, updated = metrics.get("num_target_rows_inserted", 0), metrics.get("num_target_rows_updated", 0)
-  _LOGGER.info("cold tier: version %d of %s, %d rows inserted, %d replaced", version, uri, inserted, updated)
-  return Committed(version, inserted, updated)
+  _LOGGER.info("cold tier: version %s of %s, %d rows inserted, %d replaced", committed.version, table_path(root),
+               committed.inserted, committed.updated)
+  return committed
+
+
+def upsert(uri: str, schema: pa.Schema, keys: Sequence[str], fs, staged: Sequence[Staged], run_id: str,
+           rows: Callable[[], pa.RecordBatchReader], staged_keys: pa.Table, storage: dict,
+           description: str) -> Committed:
+  """Puts the staged rows into the Delta table at ``uri``, keyed on ``keys``, as one version: a row whose key
+  the table holds replaces it, the others are inserted.
+
+  ``rows()`` reads the staged rows (each key once); ``staged_keys`` are the
+  staged files' key columns. When no key is in the table yet and none is
+  staged twice (a run over new data: the usual case), the staged files
+  themselves join the table (moved in, one commit adding them: no data is
+  rewritten); when keys are new but staged twice, ``rows()`` is appended;
+  only otherwise is it a MERGE, which joins the staged rows with the table
+  (about 3 s and 1.5 GiB a million decision rows). Deciding reads the
+  table's key columns only.
+  """
+  from deltalake import DeltaTable, write_deltalake
+  if not DeltaTable.is_deltatable(uri, storage_options=storage):
+    DeltaTable.create(uri, schema=schema, partition_by=["event_date"], storage_options=storage,
+                      name=uri.rstrip("/").rsplit("/", 1)[-1], description=description)
+  table = DeltaTable(uri, storage_options=storage)
+  dataset = table.to_pyarrow_dataset()
+  stored = dataset.to_table(columns=list(keys), use_threads=False)
+  del dataset
+  new_keys = pl.from_arrow(staged_keys)
+  overlap = stored.num_rows and new_keys.join(pl.from_arrow(stored), on=list(keys), how="semi").height
+  inserted, updated = staged_keys.num_rows, 0
+  if not overlap and not new_keys.is_duplicated().any():
+    _add_files(table, uri, schema, fs, staged, run_id, storage)
+  elif not overlap:
+    write_deltalake(table, rows(), mode="append", storage_options=storage)
+    inserted = new_keys.n_unique()
+  else:
+    predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    metrics = (table.merge(source=rows(), predicate=predicate, source_alias="s", target_alias="t",
+                           streamed_exec=True)
+               .when_matched_update_all().when_not_matched_insert_all().execute())
+    inserted, updated = metrics.get("num_target_rows_inserted", 0), metrics.get("num_target_rows_updated", 0)
+  gc.collect()
+  return Committed(DeltaTable(uri, storage_options=storage).version(), inserted, updated)
+
+
+def _add_files(table, uri: str, schema: pa.Schema, fs, staged: Sequence[Staged], run_id: str, storage: dict) -> None:
+  """Moves the staged files into the table's partitions and commits them, unchanged, as one version."""
+  from deltalake.transaction import AddAction
+  _, table_dir = filesystem(uri, storage)
+  actions = []
+  for i, f in enumerate(staged):
+    relative = f"event_date={f.event_date}/{run_id}-{i:05d}.parquet"
+    fs.create_dir(f"{table_dir}/event_date={f.event_date}")
+    fs.move(f.path, f"{table_dir}/{relative}")
+    with fs.open_input_file(f"{table_dir}/{relative}") as opened:
+      size, records = opened.size(), pq.ParquetFile(opened).metadata.num_rows
+    actions.append(AddAction(relative, size, {"event_date": f.event_date}, int(time.time() * 1000), True,
+                             json.dumps({"numRecords": records})))
+  table.create_write_transaction(actions, "append", schema, partition_by=["event_date"])
 
 
 def read(root: str, options: Optional[PipelineOptions] = None, version=None, table: str = TABLE) -> pa.Table:

@@ -129,35 +129,31 @@ def _deduplicated(fs, files) -> Iterator[pa.RecordBatch]:
   for path in files:
     by_day.setdefault(path.rsplit("/", 1)[-1].split("-", 1)[0], []).append(path)
   for day in sorted(by_day, key=int):
-    parts = [pq.read_table(fs.open_input_file(p), schema=SCHEMA, use_threads=False) for p in sorted(by_day[day])]
+    parts = [pq.read_table(fs.open_input_file(p), use_threads=False) for p in sorted(by_day[day])]
     rows = pl.from_arrow(pa.concat_tables(parts)).unique(subset=["transaction_id"], keep="first",
                                                           maintain_order=True).to_arrow()
     yield from rows.cast(SCHEMA).to_batches(BATCH_ROWS)
 
 
 def commit(root: str, run_id: str, table: str, options: Optional[PipelineOptions] = None) -> Committed:
-  """MERGEs the run's staged archive rows of ``table`` into it (one version); removes them."""
-  from deltalake import DeltaTable
+  """Writes the run's staged archive rows of ``table`` into it (one version); removes them."""
   storage = cold_table.storage_options(options)
   fs, where = cold_table.filesystem(staging_path(root, run_id, table), storage)
-  files = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, allow_not_found=True))
-           if f.path.endswith(".parquet")]
-  if not files:
+  staged = [cold_table.Staged(f.path, str(np.datetime64(int(f.base_name.split("-", 1)[0]), "D")))
+            for f in fs.get_file_info(pyarrow.fs.FileSelector(where, allow_not_found=True))
+            if f.path.endswith(".parquet")]
+  if not staged:
     return Committed(None, 0)
-  uri = FileSystems.join(root, table)
-  if not DeltaTable.is_deltatable(uri, storage_options=storage):
-    DeltaTable.create(uri, schema=SCHEMA, partition_by=["event_date"], storage_options=storage, name=table,
-                      description=f"txstream {table}: accepted input messages as received")
-  source = pa.RecordBatchReader.from_batches(SCHEMA, _deduplicated(fs, files))
-  metrics = (DeltaTable(uri, storage_options=storage)
-             .merge(source=source, predicate="t.transaction_id = s.transaction_id AND t.event_date = s.event_date",
-                    source_alias="s", target_alias="t", streamed_exec=True)
-             .when_matched_update_all().when_not_matched_insert_all().execute())
+  files = [f.path for f in staged]
+  keys = ["transaction_id", "event_date"]
+  staged_keys = pa.concat_tables(pq.read_table(fs.open_input_file(p), columns=keys) for p in files)
+  committed = cold_table.upsert(FileSystems.join(root, table), SCHEMA, keys, fs, staged, run_id,
+                                lambda: pa.RecordBatchReader.from_batches(SCHEMA, _deduplicated(fs, files)),
+                                staged_keys, storage, f"txstream {table}: accepted input messages as received")
   fs.delete_dir(where)
-  version = DeltaTable(uri, storage_options=storage).version()
-  rows = metrics.get("num_target_rows_inserted", 0) + metrics.get("num_target_rows_updated", 0)
-  _LOGGER.info("raw archive: version %d of %s, %d messages", version, uri, rows)
-  return Committed(version, rows)
+  _LOGGER.info("raw archive: version %s of %s/%s, %d messages", committed.version, root, table,
+               committed.inserted + committed.updated)
+  return Committed(committed.version, committed.inserted + committed.updated)
 
 
 class _ReadFileFn(beam.DoFn):
