@@ -98,20 +98,23 @@ def test_writes_decisions_into_day_partitions(conn, dsn):
 
 
 def test_text_nulls_empties_and_nul_characters(conn, dsn):
-  # An empty string stays an empty string (not NULL), NUL cannot be stored in text and becomes U+FFFD,
-  # and a null optional stays NULL.
+  # An empty string stays an empty string (not NULL) and a null optional stays NULL. NUL cannot be stored in
+  # text: a decision holding one is refused (a dead letter), never stored changed.
   # A HOME_DISTANCE of -1 (terminal not on file) is NULL in home_distance and stays -1 in the feature vector.
-  decisions = fx.with_values(fx.make_decisions(5), 1, entry_mode="", customer_segment="a\x00b",
-                             reason_codes=["", "x\x00"])
+  decisions = fx.with_values(fx.make_decisions(6), 1, entry_mode="")
   decisions = fx.with_values(decisions, 2, reason_codes=None)
-  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=5)
+  decisions = fx.with_values(decisions, 3, customer_segment="a\x00b")
+  decisions = fx.with_values(decisions, 5, reason_codes=["", "x\x00"])
+  fx.run_write(WriteToPostgres(dsn), decisions, expect_written=4,
+               expect_dead=["transaction_id=tx-00003", "transaction_id=tx-00005"],
+               expect_dead_letters=[(f"test.wire#{i}", "sink.warm", "nul_in_text", f"transaction_id=tx-{i:05d}")
+                                    for i in (3, 5)])
   with conn, conn.cursor() as cur:
     cur.execute("SELECT transaction_id, entry_mode, customer_segment, reason_codes, home_distance, features[24] "
                 "FROM decisions ORDER BY transaction_id")
     assert cur.fetchall() == [("tx-00000", None, "retail", [], 0.0, 0.0),
-                              ("tx-00001", "", "a\ufffdb", ["", "x\ufffd"], 1.0, 1.0),
+                              ("tx-00001", "", "retail", ["HIGH_AMOUNT"], 1.0, 1.0),
                               ("tx-00002", "chip", "retail", [], 2.0, 2.0),
-                              ("tx-00003", "chip", "retail", [], 3.0, 3.0),
                               ("tx-00004", "chip", "retail", ["HIGH_AMOUNT"], None, -1.0)]
 
 

@@ -123,18 +123,25 @@ def _split_header(message):
 
 
 def _validate_transaction(record):
-  if not record["transaction_id"]:
+  tid = record["transaction_id"]
+  if not tid:
     return InvalidRecord("missing_transaction_id", "transaction_id is empty")
+  if len(tid) > 128 or any(not 33 <= ord(c) <= 126 for c in tid):
+    return InvalidRecord("invalid_transaction_id",
+                         f"transaction_id {tid[:140]!r} is not 1-128 visible ASCII characters")
   if not 0 < record["amount_minor"] <= 10**11:
     return InvalidRecord("invalid_amount", f"amount_minor {record['amount_minor']} out of range")
   if record["currency"] not in {"EUR", "USD", "GBP", "CHF", "SEK", "NOK", "DKK", "PLN", "CZK", "JPY"}:
     return InvalidRecord("invalid_currency", f"currency {record['currency']!r} is not accepted")
-  if record["event_time"] < 946684800000:
-    return InvalidRecord("invalid_event_time", f"event_time {record['event_time']} is before 2000")
+  if not 946684800000 <= record["event_time"] < 4102444800000:
+    return InvalidRecord("invalid_event_time", f"event_time {record['event_time']} is not between 2000 and 2100")
   if record["customer_id"] < 0 or record["terminal_id"] < 0:
     return InvalidRecord("invalid_id", "customer_id and terminal_id must be non-negative")
-  if len(record["card_token"]) != 64:
+  if len(record["card_token"]) != 64 or set(record["card_token"]) - set("0123456789abcdef"):
     return InvalidRecord("invalid_card_token", "card_token is not a 64-hex-digit token")
+  if record["entry_mode"] is not None and record["entry_mode"] not in ("chip", "contactless", "ecommerce", "magstripe"):
+    return InvalidRecord("invalid_entry_mode", f"entry_mode {record['entry_mode'][:40]!r} is not one of "
+                                               "chip, contactless, ecommerce, magstripe")
   return None
 
 
@@ -313,6 +320,17 @@ HOSTILE = {
     "overlong_utf8": _tx(card_token=_str(b"\xc0\xaf" * 32)),
     "surrogate_utf8": _tx(currency=_str(b"\xed\xa0\x80")),
     "empty_transaction_id": _tx(transaction_id=_str(b"")),
+    "transaction_id_with_nul": _tx(transaction_id=_str(b"a\x00b")),
+    "transaction_id_with_cr": _tx(transaction_id=_str(b"tx-1\r")),
+    "transaction_id_with_space": _tx(transaction_id=_str(b"tx 1")),
+    "transaction_id_of_129_chars": _tx(transaction_id=_str(b"t" * 129)),
+    "event_in_2100": _tx(event_time=_long(4102444800000)),
+    "event_far_future": _tx(event_time=_long(7258118400000)),
+    "card_token_with_p": _tx(card_token=_str(b"p" * 64)),
+    "card_token_with_del": _tx(card_token=_str(b"a" * 63 + b"\x7f")),
+    "card_token_uppercase": _tx(card_token=_str(b"A" * 64)),
+    "unknown_entry_mode": _tx(entry_mode=b"\x02" + _str(b"telepathy")),
+    "entry_mode_with_nul": _tx(entry_mode=b"\x02" + _str(b"chip\x00")),
     "zero_amount": _tx(amount_minor=_long(0)),
     "negative_amount": _tx(amount_minor=_long(-5)),
     "amount_too_large": _tx(amount_minor=_long(10**11 + 1)),
@@ -511,22 +529,26 @@ def test_writers_the_bulk_reader_cannot_resolve_decode_per_record():
 
 def test_validation_reports_the_first_failing_check_with_its_message():
   records = pa.table({
-      "transaction_id": ["", "a", "b", "c", "d", "e"],
-      "event_time": [h.T0, h.T0, h.T0, 5, 5, h.T0],
-      "customer_id": [1, 1, 1, 1, -1, 1],
-      "terminal_id": [1, 1, 1, 1, 1, 1],
-      "card_token": ["x" * 64, "x" * 64, "x" * 64, "x" * 64, "x" * 64, "\u00e9" * 63],
-      "amount_minor": [0, 0, 5, 5, 5, 5],
-      "currency": ["XXX", "EUR", "e'x", "EUR", "EUR", "EUR"],
+      "transaction_id": ["", "a", "b", "c", "d", "e", "f\x00", "g", "h", "i"],
+      "event_time": [h.T0, h.T0, h.T0, 5, 5, h.T0, h.T0, 4102444800000, h.T0, h.T0],
+      "customer_id": [1, 1, 1, 1, -1, 1, 1, 1, 1, 1],
+      "terminal_id": [1] * 10,
+      "card_token": ["x" * 64] * 5 + ["\u00e9" * 63, "a" * 64, "a" * 64, "a" * 64, "a" * 64],
+      "amount_minor": [0, 0, 5, 5, 5, 5, 5, 5, 5, 5],
+      "currency": ["XXX", "EUR", "e'x", "EUR", "EUR", "EUR", "EUR", "EUR", "EUR", "EUR"],
+      "entry_mode": ["chip"] * 8 + ["telepathy", None],
   })
   valid, invalid = core_validate.validate(records)
-  assert valid.tolist() == [False] * 6
+  assert valid.tolist() == [False] * 9 + [True]
   assert [(row, e.reason, str(e)) for row, e in invalid] == [
       (0, "missing_transaction_id", "transaction_id is empty"),
       (1, "invalid_amount", "amount_minor 0 out of range"),
       (2, "invalid_currency", "currency \"e'x\" is not accepted"),
-      (3, "invalid_event_time", "event_time 5 is before 2000"),
-      (4, "invalid_event_time", "event_time 5 is before 2000"),
+      (3, "invalid_event_time", "event_time 5 is not between 2000 and 2100"),
+      (4, "invalid_event_time", "event_time 5 is not between 2000 and 2100"),
       (5, "invalid_card_token", "card_token is not a 64-hex-digit token"),
+      (6, "invalid_transaction_id", "transaction_id 'f\\x00' is not 1-128 visible ASCII characters"),
+      (7, "invalid_event_time", "event_time 4102444800000 is not between 2000 and 2100"),
+      (8, "invalid_entry_mode", "entry_mode 'telepathy' is not one of chip, contactless, ecommerce, magstripe"),
   ]
   assert all(isinstance(e, ValueError) for _, e in invalid)

@@ -40,8 +40,8 @@ SCORE_HIGH, SCORE_ELEVATED = "MODEL_SCORE_HIGH", "MODEL_SCORE_ELEVATED"
 READ, DECODE, DECODE_LABEL, ENRICH, FEATURES, SINK = "read", "decode", "decode_label", "enrich", "features", "sink"
 WIRE_REASONS = ("null_value", "oversized_message", "truncated_header", "bad_magic_byte")
 DECODE_REASONS = WIRE_REASONS + ("unknown_schema_id", "wrong_schema", "avro_decode_error", "trailing_bytes")
-VALIDATION_REASONS = ("missing_transaction_id", "invalid_amount", "invalid_currency", "invalid_event_time",
-                      "invalid_id", "invalid_card_token")
+VALIDATION_REASONS = ("missing_transaction_id", "invalid_transaction_id", "invalid_amount", "invalid_currency",
+                      "invalid_event_time", "invalid_id", "invalid_card_token", "invalid_entry_mode")
 FILE_REASONS = ("not_a_frame_file", "truncated_frame", "oversized_frame")
 UNKNOWN_CUSTOMER = "unknown_customer"
 CONFLICTING_DUPLICATE = "conflicting_duplicate"

@@ -13,7 +13,9 @@ length word. ``fixed`` packs non-null fixed-width fields of all rows into
 one numpy record array (no per-value Python); ``text``, ``nullable`` and
 ``text_array`` handle variable-width and nullable fields with Arrow compute
 kernels; ``stream`` joins the fields of each row and frames the whole.
-``text`` cannot hold NUL, so NUL characters in strings become U+FFFD.
+``text`` cannot hold NUL: decisions holding one are refused before
+(``postgres_rows.refuse_nul``); in dead letters, whose ``raw`` bytes are kept
+as ``bytea``, NUL in the message text becomes U+FFFD.
 """
 from typing import Sequence, Union
 
@@ -88,7 +90,7 @@ def _with_length(payload: pa.Array) -> pa.Array:
 
 
 def text(column: Column) -> pa.Array:
-  """``text`` (from strings, NUL replaced by U+FFFD) or ``bytea`` (from binary) fields; null is NULL."""
+  """``text`` (from strings, any NUL replaced by U+FFFD) or ``bytea`` (from binary) fields; null is NULL."""
   column = _array(column)
   if pa.types.is_string(column.type):
     column = pc.replace_substring(column, "\x00", "\ufffd")

@@ -61,11 +61,41 @@ def refuse_out_of_range(table: pa.Table) -> Tuple[pa.Table, List[Refusal]]:
   return table.filter(pc.invert(outside)), [Refusal(refused, errors)]
 
 
+def refuse_nul(table: pa.Table) -> Tuple[pa.Table, List[Refusal]]:
+  """Splits off rows with a NUL character in a string: ``text`` cannot hold one, and changing it would store
+  another value than the other tiers (validation keeps NUL out of every input field; this is the backstop)."""
+  bad = None
+  for column in table.columns:
+    if pa.types.is_string(column.type):
+      found = pc.fill_null(pc.match_substring(column, "\x00"), False)
+    elif pa.types.is_list(column.type) and pa.types.is_string(column.type.value_type):
+      found = _list_has_nul(column)
+    else:
+      continue
+    bad = found if bad is None else pc.or_(bad, found)
+  if bad is None or not pc.any(bad).as_py():
+    return table, []
+  refused = table.filter(bad)
+  return table.filter(pc.invert(bad)), [Refusal(refused, [ValueError("a text value holds a NUL character")]
+                                                * refused.num_rows, reason="nul_in_text")]
+
+
+def _list_has_nul(column) -> pa.Array:
+  """Per row of a list<string> column, whether any element holds NUL."""
+  column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+  flat = pc.fill_null(pc.match_substring(pc.list_flatten(column), "\x00"), False)
+  rows = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+  hit = np.zeros(len(column), dtype=bool)
+  hit[rows[flat.to_numpy(zero_copy_only=False)]] = True
+  return pa.array(hit)
+
+
 def refuse_unstorable(table: pa.Table) -> Tuple[pa.Table, List[Refusal]]:
-  """Splits off decisions with a null where ``decisions`` needs a value or a time out of range."""
+  """Splits off decisions with a null where ``decisions`` needs a value, a time out of range, or a NUL."""
   table, refused = sinks.refuse_nulls(table, DECISION_REQUIRED)
   table, outside = refuse_out_of_range(table)
-  return table, refused + outside
+  table, nul = refuse_nul(table)
+  return table, refused + outside + nul
 
 
 def copy_decisions(table: pa.Table) -> bytes:

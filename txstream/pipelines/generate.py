@@ -39,7 +39,7 @@ from txstream.pipelines import legacy, simulator
 
 _LOGGER = logging.getLogger(__name__)
 DAY_MS = 86_400_000
-ENTRY_MODES = ("chip", "contactless", "ecommerce", "magstripe")
+ENTRY_MODES = validate.ENTRY_MODES
 MERCHANT_CATEGORIES = (5411, 5812, 5541, 5999, 4111, 5732, 5311, 7011)
 SEGMENTS = ("retail", "premium", "student", "business")
 CURRENCY = "EUR"
@@ -204,7 +204,8 @@ class Writer:
         "transaction_id": pa.array(ids, pa.string()), "event_time": tx["event_time_ms"],
         "customer_id": tx["customer_id"], "terminal_id": tx["terminal_id"],
         "card_token": tokens.take(tx["customer_id"]), "amount_minor": amount_minor(tx),
-        "currency": pa.repeat(CURRENCY, len(ids))})
+        "currency": pa.repeat(CURRENCY, len(ids)),
+        "entry_mode": pa.nulls(len(ids), pa.string())})  # every generated mode is valid; null is not checked
     valid, _ = validate.validate(records)
     os.makedirs(os.path.join(self.out, "legacy"), exist_ok=True)
     path = os.path.join(self.out, "legacy", "decisions.csv")
