@@ -63,6 +63,21 @@ def _date(text: str) -> datetime.date:
     raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from e
 
 
+def _redact(text: str) -> str:
+  from txstream.io.sinks import redact
+  return redact(text)
+
+
+class _Redacting(logging.Filter):
+  """Keeps passwords in URLs and DSNs out of every log line, whoever logs them (a driver echoing its DSN)."""
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    safe = _redact(message)
+    if safe != message:
+      record.msg, record.args = safe, None
+    return True
+
+
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     raise UsageError(message)
@@ -178,6 +193,9 @@ def _run_help(command: str = "run"):
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _Redacting) for f in handler.filters):
+      handler.addFilter(_Redacting())
   parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
   sub = parser.add_subparsers(dest="command", metavar="{generate,run,rerun,stream,train,services,reconcile}")
   _generate_parser(sub)
@@ -217,7 +235,7 @@ def main(argv=None) -> int:
       return reconcile.run(args)
     raise UsageError(f"unknown command {argv[0]!r}")
   except UsageError as e:
-    print(f"txstream: error: {e}", file=sys.stderr)
+    print(f"txstream: error: {_redact(str(e))}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("txstream: interrupted", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The `txstream` command: help for every subcommand, one-line errors, exit codes."""
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -157,3 +159,30 @@ def test_local_runners_get_what_the_services_step_installed(tmp_path, monkeypatc
   portable = cli.pipeline_options(["--runner=PortableRunner", "--job_endpoint=embed"])
   profiles.runner_for(portable)
   assert portable.view_as(PortableOptions).environment_type == "LOOPBACK"
+
+
+@pytest.mark.parametrize("flag", [
+    "--postgres_dsn=host=127.0.0.1 user=postgres password=S3cret-pw dbnme=x",
+    "--redis_url=redis://:S3cret-pw@127.0.0.1:6379/x9",
+    "--clickhouse_url=clickhouse://default:S3cret-pw@127.0.0.1:9000/bad-name",
+])
+def test_a_malformed_dsn_or_url_is_one_line_without_its_password(tmp_path, capsys, flag):
+  assert cli.main(["run", "--input=data/sample", f"--cold_path={tmp_path}/cold", flag]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("txstream: error: ") and "***" in err
+  assert "S3cret-pw" not in err
+
+
+def test_log_lines_never_carry_a_password():
+  # The filter `txstream` puts on its log handlers, on a handler of its own here (pytest owns the root's).
+  out = io.StringIO()
+  handler = logging.StreamHandler(out)
+  handler.addFilter(cli._Redacting())  # pylint: disable=protected-access
+  logger = logging.getLogger("some.driver")
+  logger.addHandler(handler)
+  try:
+    logger.warning("connecting to %s", "postgresql://app:S3cret-pw@db:5432/x")
+    logger.warning("dsn host=db password='S3cret pw' dbname=x")
+  finally:
+    logger.removeHandler(handler)
+  assert "S3cret" not in out.getvalue() and out.getvalue().count("***") == 2
