@@ -259,3 +259,18 @@ def test_scenario3_takes_a_third_of_a_14_day_window():
   first_day, last_day = (np.array([f(day[s3 & (customer == c)]) for c in np.nonzero(per_customer)[0]])
                          for f in (np.min, np.max))
   assert np.median(last_day - first_day) <= 13
+
+
+def test_card_tokens_cannot_be_recomputed_without_the_key(tmp_path, monkeypatch):
+  import hashlib
+  import hmac
+  from txstream.pipelines import generate
+  monkeypatch.delenv("TXSTREAM_TOKEN_KEY", raising=False)
+  tokens = generate.card_tokens(5)
+  guesses = {hmac.new(f"txstream-demo-token-key-{seed}".encode(), generate.card_number(c).encode(),
+                      hashlib.sha256).hexdigest() for seed in range(10) for c in range(5)}
+  assert not set(tokens) & guesses, "no key derivable from the seed"
+  assert generate.token_key_source() == "one-off random key, not stored"
+  monkeypatch.setenv("TXSTREAM_TOKEN_KEY", "k1")
+  assert generate.card_tokens(5)[0] == hmac.new(b"k1", generate.card_number(0).encode(), hashlib.sha256).hexdigest()
+  assert generate.token_key_source() == "TXSTREAM_TOKEN_KEY"

@@ -8,8 +8,10 @@ reads: framed Confluent wire-format files, one per day, under
 ``OUT/reference/``; and ``OUT/manifest.json``.
 
 Card numbers are synthetic and never written: only their HMAC-SHA256 token
-under the key in ``TXSTREAM_TOKEN_KEY`` (a per-seed demonstration key when
-unset; the data are synthetic, so no real secret is involved).
+under the key in ``TXSTREAM_TOKEN_KEY``. Unset, the key is random, made once
+per process and never stored, so tokens cannot be reversed by enumerating
+card numbers (synthetic numbers are few and predictable); the manifest and a
+warning say so, and set the variable for tokens that repeat across runs.
 
 ``--corrupt_fraction`` damages that share of messages (garbage bytes, wrong
 magic byte, unknown schema id, truncated body) and lists each damaged source
@@ -26,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -48,9 +51,21 @@ EXPECTED_REASON = {"garbage": "bad_magic_byte", "bad_magic": "bad_magic_byte",
                    "unknown_schema": "unknown_schema_id", "truncated": "avro_decode_error"}
 
 
-def token_key(seed: int) -> bytes:
+_ONE_OFF_KEY = secrets.token_bytes(32)
+
+
+def token_key() -> bytes:
+  """The tokenisation key: ``TXSTREAM_TOKEN_KEY``, else this process's random one."""
   key = os.environ.get("TXSTREAM_TOKEN_KEY")
-  return key.encode() if key else f"txstream-demo-token-key-{seed}".encode()
+  return key.encode() if key else _ONE_OFF_KEY
+
+
+def token_key_source() -> str:
+  if os.environ.get("TXSTREAM_TOKEN_KEY"):
+    return "TXSTREAM_TOKEN_KEY"
+  _LOGGER.warning("TXSTREAM_TOKEN_KEY is not set: card tokens use a one-off random key (not stored), so they "
+                  "differ from run to run; set it for tokens that repeat")
+  return "one-off random key, not stored"
 
 
 def card_number(customer_id: int) -> str:
@@ -65,8 +80,8 @@ def card_number(customer_id: int) -> str:
   return body + str((10 - total % 10) % 10)
 
 
-def card_tokens(n_customers: int, seed: int) -> List[str]:
-  key = token_key(seed)
+def card_tokens(n_customers: int) -> List[str]:
+  key = token_key()
   return [hmac.new(key, card_number(c).encode(), hashlib.sha256).hexdigest() for c in range(n_customers)]
 
 
@@ -118,6 +133,7 @@ class Writer:
     if self.legacy_extract:
       counts["legacy_extract"] = self._write_legacy(sim, ids, damaged)
     manifest = {"seed": sim.seed, "start": sim.start.isoformat(), "customers": len(sim.customers["customer_id"]),
+                "card_token_key": token_key_source(),
                 "terminals": len(sim.terminals["terminal_id"]), "schema_id": self.schema_id, **counts}
     with open(os.path.join(self.out, "manifest.json"), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
@@ -147,7 +163,7 @@ class Writer:
     modes = rng.integers(0, len(ENTRY_MODES), n)
     damaged = rng.random(n) < self.corrupt_fraction
     kinds = rng.integers(0, len(DAMAGE), n)
-    tokens = card_tokens(len(sim.customers["customer_id"]), sim.seed)
+    tokens = card_tokens(len(sim.customers["customer_id"]))
     amount = amount_minor(tx)
     schema = self.registry.parsed(self.schema_id)
     start_ms = int(datetime.datetime.combine(sim.start, datetime.time(), datetime.timezone.utc).timestamp() * 1000)
@@ -199,7 +215,7 @@ class Writer:
     dead-letters them.
     """
     tx = sim.transactions
-    tokens = pa.array(card_tokens(len(sim.customers["customer_id"]), sim.seed), pa.string())
+    tokens = pa.array(card_tokens(len(sim.customers["customer_id"])), pa.string())
     records = pa.table({
         "transaction_id": pa.array(ids, pa.string()), "event_time": tx["event_time_ms"],
         "customer_id": tx["customer_id"], "terminal_id": tx["terminal_id"],
