@@ -5,7 +5,9 @@ connection, so clients see dropped connections and then "connection
 refused" for ``outage_s`` seconds, after which the proxy listens again on the
 same port. ``interrupt_after_bytes(n, outage_s)`` does the same the moment
 the clients have sent ``n`` bytes in total, which lands the outage in the
-middle of a write instead of between runs. The shared servers behind it are
+middle of a write instead of between runs. ``stall_after_bytes(n, stall_s)``
+instead stops passing bytes either way for ``stall_s`` seconds, connections
+left open: a server that hangs without closing anything. The shared servers behind it are
 never touched.
 """
 import socket
@@ -23,6 +25,8 @@ class TcpProxy:
     self._listener: Optional[socket.socket] = None
     self._pairs: List[Tuple[socket.socket, socket.socket]] = []
     self._trigger: Optional[Tuple[int, float]] = None
+    self._stall: Optional[Tuple[int, float]] = None
+    self._stalled_until = 0.0
     self._closed = False
     self.port = 0
     self.bytes_up = 0
@@ -65,6 +69,10 @@ class TcpProxy:
     """Arms a single ``interrupt(outage_s)`` once clients have sent ``nbytes`` more bytes."""
     with self._lock:
       self._trigger = (self.bytes_up + nbytes, outage_s)
+
+  def stall_after_bytes(self, nbytes: int, stall_s: float) -> None:
+    with self._lock:
+      self._stall = (self.bytes_up + nbytes, stall_s)
 
   def close(self) -> None:
     with self._lock:
@@ -134,6 +142,8 @@ class TcpProxy:
         break
       if upstream and self._count_up(len(data)):
         return  # the interruption has reset both sockets; this chunk is lost, as on a real failure
+      while time.monotonic() < self._stalled_until:
+        time.sleep(0.05)
       try:
         dst.sendall(data)
       except OSError:
@@ -147,6 +157,8 @@ class TcpProxy:
       fire = trigger is not None and self.bytes_up >= trigger[0]
       if fire:
         self._trigger = None
+      if self._stall is not None and self.bytes_up >= self._stall[0]:
+        self._stalled_until, self._stall = time.monotonic() + self._stall[1], None
     if fire:
       self.interrupt(trigger[1])
     return fire

@@ -302,6 +302,23 @@ def test_preflight_errors_are_one_line(endpoint):
     WriteToPostgres("host=127.0.0.1 this is not a dsn")
 
 
+def test_a_stalled_server_is_cut_and_the_write_completes(conn, endpoint, caplog):
+  # The server holds the connection open and passes nothing for 8 s: the writer gives up on the connection
+  # after its answer timeout, reconnects once the server answers again, and writes every row once.
+  decisions = fx.make_decisions(200, customers=20, days=3, batch_rows=40)
+  with TcpProxy(endpoint.host, endpoint.port) as proxy:
+    proxy.stall_after_bytes(20_000, stall_s=8.0)
+    sink = WriteToPostgres(f"host=127.0.0.1 port={proxy.port} user=postgres dbname={DB}", batch_size=20,
+                           retry=fx.FAST_RETRY, answer_timeout_s=2.0)
+    started = time.monotonic()
+    counts = fx.run_write(sink, decisions, expect_written=200)
+  assert time.monotonic() - started < 60
+  assert counts["sink.warm.retried"] >= 1 and counts.get("sink.warm.failed", 0) == 0
+  assert any("has not answered for 2 s" in r.getMessage() for r in caplog.records)
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 200
+  assert scalar(conn, "SELECT count(DISTINCT transaction_id) FROM decisions") == 200
+
+
 def test_outage_mid_write_loses_and_duplicates_nothing(conn, endpoint):
   decisions = fx.make_decisions(300, customers=30, days=4, batch_rows=40)
   with TcpProxy(endpoint.host, endpoint.port) as proxy:

@@ -46,9 +46,13 @@ Counter ``sink.<name>.upserts``: batch writes that took the upsert path.
 DSN: a libpq keyword string (``host=127.0.0.1 dbname=txstream user=postgres``)
 or a URL (``postgresql://postgres@127.0.0.1:5432/txstream``).
 """
+import contextlib
 import datetime
 import io
 import logging
+import os
+import socket
+import threading
 from typing import Dict, Iterable, List
 
 import apache_beam as beam
@@ -201,24 +205,65 @@ def ensure_partitions(conn, days: Iterable[int]) -> None:
 
 # -- writers -------------------------------------------------------------------------------------
 
+ANSWER_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def answer_within(conn, seconds: float):
+  """Cuts ``conn`` if the block has not finished within ``seconds``: the blocked call then fails as a lost
+  connection (retried, under the writer's deadline) instead of waiting forever on a server that keeps the
+  connection open but answers nothing. Keepalives cannot tell: the server's kernel still acknowledges."""
+  fired = threading.Event()
+
+  def cut():
+    fired.set()
+    _LOGGER.warning("PostgreSQL has not answered for %.0f s; cutting the connection to retry", seconds)
+    try:
+      with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass  # already closed: the blocked call has its error
+
+  timer = threading.Timer(seconds, cut)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  except psycopg2.Error as error:
+    if fired.is_set():
+      raise psycopg2.OperationalError(f"PostgreSQL did not answer within {seconds:.0f} s") from error
+    raise
+  finally:
+    timer.cancel()
+
 class _PostgresWriteFn(BatchingWriteFn):
   """Connection handling shared by the decision and dead-letter writers."""
 
-  def __init__(self, dsn: str, name: str, batch_size: int, max_batch_bytes: int, retry: RetryPolicy):
+  def __init__(self, dsn: str, name: str, batch_size: int, max_batch_bytes: int, retry: RetryPolicy,
+               answer_timeout_s: float = ANSWER_TIMEOUT_S):
     super().__init__(name, batch_size, max_batch_bytes, retry)
     self._dsn = dsn
     self._conn = None
+    self._answer_timeout_s = answer_timeout_s
 
   def open_client(self):
     conn = connect(self._dsn)
     try:
-      migrations.apply(conn)
-      with conn, conn.cursor() as cur:
-        cur.execute(_CREATE_STAGE)
+      with answer_within(conn, self._answer_timeout_s):
+        migrations.apply(conn)
+        with conn, conn.cursor() as cur:
+          cur.execute(_CREATE_STAGE)
     except Exception:
       conn.close()
       raise
     self._conn = conn
+
+  def write_batch(self, table: pa.Table) -> List[Refusal]:
+    with answer_within(self._conn, self._answer_timeout_s):
+      return self._write(table)
+
+  def _write(self, table: pa.Table) -> List[Refusal]:
+    raise NotImplementedError
 
   def close_client(self):
     if self._conn is not None:
@@ -237,7 +282,7 @@ class _WriteDecisionsFn(_PostgresWriteFn):
     super().__init__(*args, **kwargs)
     self._partitions = set()
 
-  def write_batch(self, table: pa.Table) -> List[Refusal]:
+  def _write(self, table: pa.Table) -> List[Refusal]:
     table, refused = rows.refuse_unstorable(table)
     if not table.num_rows:
       return refused
@@ -293,7 +338,7 @@ def _upsert(cur, decisions: bytes) -> Dict[str, datetime.date]:
 
 
 class _WriteDeadLettersFn(_PostgresWriteFn):
-  def write_batch(self, table: pa.Table) -> List[Refusal]:
+  def _write(self, table: pa.Table) -> List[Refusal]:
     table, refused = sinks.refuse_nulls(table, rows.DEAD_LETTER_REQUIRED)
     if table.num_rows:
       letters = rows.copy_dead_letters(rows.last_per_key(table, ["source", "stage"]))
@@ -312,12 +357,12 @@ class WriteToPostgres(beam.PTransform[beam.PCollection[DecisionBatch], SinkResul
   """
 
   def __init__(self, dsn: str, batch_size: int = 10_000, max_batch_bytes: int = 16 << 20, name: str = "warm",
-               retry: RetryPolicy = RetryPolicy()):
+               retry: RetryPolicy = RetryPolicy(), answer_timeout_s: float = ANSWER_TIMEOUT_S):
     super().__init__()
     parse_dsn(dsn)
     sinks.check_batch_limits(batch_size, max_batch_bytes)
     self._dsn = dsn
-    self._fn = _WriteDecisionsFn(dsn, name, batch_size, max_batch_bytes, retry)
+    self._fn = _WriteDecisionsFn(dsn, name, batch_size, max_batch_bytes, retry, answer_timeout_s)
 
   def preflight(self) -> List[str]:
     """Connects once and applies migrations; ``SinkConfigError`` (one line) on any problem."""
