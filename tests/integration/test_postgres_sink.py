@@ -171,22 +171,24 @@ def test_later_copy_of_a_transaction_in_one_batch_wins(conn, dsn):
   assert queries.decision_by_id(conn, "tx-00002")["score"] == fx.rows(first)[2]["score"]
 
 
-def test_transaction_id_unique_across_days(conn, dsn):
+def test_a_transaction_written_under_another_day_moves_there(conn, dsn):
+  # The last write wins, as in every tier: the old row goes, the key points at the new day, one row remains.
   first = fx.make_decisions(10)
   fx.run_write(WriteToPostgres(dsn), first, expect_written=10)
   stored_ms = fx.rows(first)[3]["event_time_ms"]
   moved = fx.with_values(fx.take(first, [3, 4, 5]), 0, event_time_ms=stored_ms + 5 * fx.DAY_MS)
-  counts = fx.run_write(WriteToPostgres(dsn), moved, expect_written=2, expect_dead=["transaction_id=tx-00003"],
-                        expect_dead_letters=[("test.wire#3", "sink.warm", "transaction_id_conflict",
-                                              "transaction_id=tx-00003")])
-  assert counts["sink.warm.rejected"] == 1
+  counts = fx.run_write(WriteToPostgres(dsn), moved, expect_written=3)
+  assert counts["sink.warm.moved"] == 1 and counts.get("sink.warm.rejected", 0) == 0
   assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 1
-  assert queries.decision_by_id(conn, "tx-00003")["event_time_ms"] == stored_ms
+  assert queries.decision_by_id(conn, "tx-00003")["event_time_ms"] == stored_ms + 5 * fx.DAY_MS
+  assert scalar(conn, "SELECT event_date FROM decision_keys WHERE transaction_id = 'tx-00003'") == (
+      datetime.date(1970, 1, 1) + datetime.timedelta(days=(stored_ms + 5 * fx.DAY_MS) // fx.DAY_MS))
+  assert scalar(conn, "SELECT count(*) FROM decisions") == 10
 
 
 def test_concurrent_writers_of_a_new_transaction_under_two_days_store_one(conn, dsn):
   # Another writer has inserted tx-00003's key under a later day and not committed yet: the sink's COPY
-  # waits for it, finds the key stored once it commits, and refuses its own row as a conflict.
+  # waits for it, finds the key stored once it commits, and moves the key to its own row's day.
   decisions = fx.make_decisions(6)
   row = fx.rows(decisions)[3]
   later = datetime.date(1970, 1, 1) + datetime.timedelta(days=row["event_time_ms"] // fx.DAY_MS + 5)
@@ -195,16 +197,17 @@ def test_concurrent_writers_of_a_new_transaction_under_two_days_store_one(conn, 
     cur.execute("INSERT INTO decision_keys (transaction_id, event_date) VALUES ('tx-00003', %s)", (later,))
   result = {}
   writer = threading.Thread(target=lambda: result.update(fx.run_write(
-      WriteToPostgres(dsn), decisions, expect_written=5, expect_dead=["transaction_id=tx-00003"])))
+      WriteToPostgres(dsn), decisions, expect_written=6)))
   writer.start()
   time.sleep(1.0)
   assert writer.is_alive()  # waiting on the uncommitted key
   other.commit()
   other.close()
   writer.join(60)
-  assert result["sink.warm.rejected"] == 1 and result["sink.warm.upserts"] == 1
-  assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 0
-  assert scalar(conn, "SELECT event_date FROM decision_keys WHERE transaction_id = 'tx-00003'") == later
+  assert result["sink.warm.moved"] == 1 and result["sink.warm.upserts"] == 1
+  assert scalar(conn, "SELECT count(*) FROM decisions WHERE transaction_id = 'tx-00003'") == 1
+  assert scalar(conn, "SELECT event_date FROM decision_keys WHERE transaction_id = 'tx-00003'") == (
+      datetime.date(1970, 1, 1) + datetime.timedelta(days=row["event_time_ms"] // fx.DAY_MS))
 
 
 def test_bad_records_become_dead_letters_and_the_rest_is_written(conn, dsn):

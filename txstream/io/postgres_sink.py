@@ -5,9 +5,9 @@ writer when it connects):
 
 ``decisions``      partitioned by ``event_date`` (UTC day), one partition per
                    day created on demand; key ``(event_date, transaction_id)``.
-``decision_keys``  ``transaction_id`` -> ``event_date``, the first day a
-                   transaction was written with; makes ``transaction_id``
-                   unique across partitions.
+``decision_keys``  ``transaction_id`` -> ``event_date``, the day its stored
+                   decision is under; makes ``transaction_id`` unique
+                   across partitions.
 ``dead_letters``   key ``(source, stage)``.
 ``runs``           one row per run (``txstream.io.postgres_runs``).
 Operational queries: ``txstream.io.postgres_queries``.
@@ -22,22 +22,24 @@ deadlock) and encoded once, column-wise, in PostgreSQL's binary COPY format
 2. If any key is already stored (a retry, rerun or replay: the COPY fails on
    the key's uniqueness), back to the savepoint and upsert instead: ``COPY``
    into a temporary staging table, ``INSERT ... ON CONFLICT DO NOTHING`` of
-   the keys, the rows whose key holds another event day taken out, then
-   ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` of the decisions.
+   the keys, the rows whose key holds another event day moved (old row
+   deleted, key updated), then ``INSERT ... SELECT ... ON CONFLICT DO
+   UPDATE`` of the decisions.
 
 Writing the same decision again replaces it with itself, so retries,
 restarts and reruns never duplicate; within a batch, the last copy of a
-``transaction_id`` wins. A decision whose ``transaction_id`` is already
-stored under a different event day (an upstream contract violation: event
-times never change) is not written; it becomes a dead letter with reason
-``transaction_id_conflict``. Keys are never updated or deleted, and a
-``decisions`` row is only written in the transaction that holds its key, so
-``transaction_id`` is unique across partitions; a concurrent writer of the
-same new key waits for the first to commit and then takes the upsert path.
-(Until migration 0002 a foreign key checked this per row, at ~9 µs a row:
-other writers of ``decisions`` must follow the same protocol.) A decision
-with a null where the table needs a value, or a time ``timestamptz`` cannot
-hold, is a dead letter too.
+``transaction_id`` wins. A decision whose ``transaction_id`` is stored under
+a different event day (an upstream correction of the event time, or an id
+reused) replaces it too, as in every other tier (the last write wins): in the
+same transaction the old row is deleted and the key moved to the new day,
+the key row locked first, so ``transaction_id`` stays unique across
+partitions (counted as ``sink.<name>.moved``). A ``decisions`` row is only
+written in the transaction that holds its key's lock; a concurrent writer of
+the same new key waits for the first to commit and then takes the upsert
+path. (Until migration 0002 a foreign key checked this per row, at ~9 µs a
+row: other writers of ``decisions`` must follow the same protocol.) A
+decision with a null where the table needs a value, a time ``timestamptz``
+cannot hold, or a NUL in its text is a dead letter.
 
 Commits are synchronous: the runner acknowledges a bundle once its writes
 return, and a commit acknowledged before it is on disk could be lost.
@@ -93,10 +95,18 @@ _UPSERT_KEYS = """
 INSERT INTO decision_keys (transaction_id, event_date)
 SELECT transaction_id, event_date FROM decisions_stage ORDER BY transaction_id
 ON CONFLICT (transaction_id) DO NOTHING"""
-_DROP_CONFLICTS = """
-DELETE FROM decisions_stage s USING decision_keys k
-WHERE k.transaction_id = s.transaction_id AND k.event_date <> s.event_date
-RETURNING s.transaction_id, k.event_date"""
+# Rows stored under another event day: the old row goes and the key points at the new day, key rows locked
+# first (in key order) so a concurrent writer of the same key waits.
+_MOVE_DAYS = """
+WITH moved AS (
+  SELECT k.transaction_id, k.event_date AS old_date, s.event_date AS new_date
+  FROM decision_keys k JOIN decisions_stage s ON s.transaction_id = k.transaction_id
+  WHERE k.event_date <> s.event_date
+  ORDER BY k.transaction_id FOR UPDATE OF k
+), gone AS (
+  DELETE FROM decisions d USING moved m WHERE d.transaction_id = m.transaction_id AND d.event_date = m.old_date
+)
+UPDATE decision_keys k SET event_date = m.new_date FROM moved m WHERE k.transaction_id = m.transaction_id"""
 _UPSERT_DECISIONS = f"""
 INSERT INTO decisions ({_COLUMN_LIST})
 SELECT {_COLUMN_LIST} FROM decisions_stage ORDER BY transaction_id
@@ -294,22 +304,16 @@ class _WriteDecisionsFn(_PostgresWriteFn):
       ensure_partitions(self._conn, missing)
       self._partitions |= missing
     decisions = rows.copy_decisions(table)
-    conflicts = {}
     try:
       with self._conn, self._conn.cursor() as cur:
         if not _insert_new(cur, rows.copy_keys(table), decisions):
           self.count("upserts")
-          conflicts = _upsert(cur, decisions)
+          self.count("moved", _upsert(cur, decisions))
     except psycopg2.errors.CheckViolation as error:
       if "no partition of relation" in str(error):
         self._partitions.clear()
         raise _PartitionMissing(_first_line(error)) from error
       raise
-    if conflicts:
-      moved = table.filter(pc.is_in(table.column("transaction_id"), pa.array(list(conflicts), pa.string())))
-      errors = [ValueError(f"already stored with event_date {conflicts[i]}")
-                for i in moved.column("transaction_id").to_pylist()]
-      refused.append(Refusal(moved, errors, reason="transaction_id_conflict"))
     return refused
 
 
@@ -327,14 +331,14 @@ def _insert_new(cur, keys: bytes, decisions: bytes) -> bool:
   return True
 
 
-def _upsert(cur, decisions: bytes) -> Dict[str, datetime.date]:
-  """Upserts keys and decisions through the staging table; returns the ids refused for another event day."""
+def _upsert(cur, decisions: bytes) -> int:
+  """Upserts keys and decisions through the staging table; returns how many moved to another event day."""
   cur.copy_expert(_COPY_STAGE, io.BytesIO(decisions), size=_COPY_CHUNK)
   cur.execute(_UPSERT_KEYS)
-  cur.execute(_DROP_CONFLICTS)
-  conflicts = dict(cur.fetchall())
+  cur.execute(_MOVE_DAYS)
+  moved = cur.rowcount
   cur.execute(_UPSERT_DECISIONS)
-  return conflicts
+  return moved
 
 
 class _WriteDeadLettersFn(_PostgresWriteFn):
