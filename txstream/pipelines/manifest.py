@@ -71,15 +71,20 @@ def schema_fingerprints() -> list:
 
 
 def _frame_count(path: str) -> dict:
-  """``{"records": [0, n)}`` of a framed file, or where its framing breaks."""
-  n = 0
-  try:
-    with open(path, "rb") as f:
-      for frames in wire.read_frame_batches(f, 100_000):
-        n += len(frames.values)
-  except wire.WireFormatError as e:
-    return {"records": [0, n], "damaged_at": getattr(e, "index", n), "reason": e.reason}
-  return {"records": [0, n]}
+  """``{"records": [0, n)}`` of a framed file, numbered as the reader numbers them (a damaged stretch is one record).
+
+  ``damaged`` lists each stretch of broken framing: its record index, byte offset and reason.
+  """
+  ids = [e["id"] for e in FileSchemaRegistry().entries()]
+  n, damaged = 0, []
+  with open(path, "rb") as f:
+    for item in wire.read_frame_segments(f, ids, 100_000):
+      if isinstance(item, wire.Damage):
+        damaged.append({"index": item.index, "offset": item.offset, "reason": item.reason})
+        n += 1
+      else:
+        n += len(item.values)
+  return {"records": [0, n], **({"damaged": damaged} if damaged else {})}
 
 
 def file_inputs(input_dir: str) -> list:

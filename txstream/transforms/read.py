@@ -4,8 +4,10 @@ Each output element is a ``RawBatch`` of consecutive messages of one file,
 with every message's source position (``file#index``); files are streamed in
 batches, never read whole. Decoding happens in ``DecodeAndValidate``, so every
 damaged message becomes a dead letter with its position. Damage to the
-framing itself makes the rest of the file unreadable: one dead letter stands
-for it (stage ``read``) and counts as one input.
+framing itself is one dead letter (stage ``read``) per damaged stretch, with
+its bytes, counted as one input; reading resumes at the next frame with a
+known schema id (see ``wire.read_frame_segments`` for the rule and how record
+indices continue after it).
 """
 import logging
 import os
@@ -20,6 +22,7 @@ from apache_beam.metrics import Metrics
 from txstream.core import contracts, dead_letters
 from txstream.core.batch import DeadLetterBatch, RawBatch
 from txstream.io import wire
+from txstream.io.schema_registry import FileSchemaRegistry
 from txstream.transforms import counting
 
 _LOGGER = logging.getLogger(__name__)
@@ -37,19 +40,24 @@ class _ReadFramesFn(beam.DoFn):
     self._batch_records = batch_records
     self._records = Metrics.counter(contracts.NAMESPACE, f"{stream}_in")
     self._dead = "dead_letter" if stream == "events" else "label_dead_letter"
+    self._schema_ids = ()
+
+  def setup(self):
+    # Files come from `txstream generate`, which writes with the bundled registry: its ids are what resynchronises.
+    self._schema_ids = [e["id"] for e in FileSchemaRegistry().entries()]
 
   def process(self, readable: fileio.ReadableFile):
     name = os.path.basename(readable.metadata.path)
-    try:
-      with readable.open(compression_type=beam.io.filesystem.CompressionTypes.UNCOMPRESSED) as f:
-        for frames in wire.read_frame_batches(f, self._batch_records):
-          self._records.inc(len(frames.values))
-          yield RawBatch(frames.raw(name))
-    except wire.WireFormatError as e:
-      self._records.inc()
-      Metrics.counter(contracts.NAMESPACE, f"{self._dead}.{contracts.READ}.{e.reason}").inc()
-      yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead_letters.of_errors(
-          [f"{name}#{e.index}"], [None], contracts.READ, [e])))
+    with readable.open(compression_type=beam.io.filesystem.CompressionTypes.UNCOMPRESSED) as f:
+      for item in wire.read_frame_segments(f, self._schema_ids, self._batch_records):
+        if isinstance(item, wire.Damage):
+          self._records.inc()
+          Metrics.counter(contracts.NAMESPACE, f"{self._dead}.{contracts.READ}.{item.reason}").inc()
+          yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead_letters.of_errors(
+              [f"{name}#{item.index}"], [item.raw], contracts.READ, [item.error()])))
+        else:
+          self._records.inc(len(item.values))
+          yield RawBatch(item.raw(name))
 
 
 class ReadFramedFiles(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[RawBatch]]):
