@@ -253,13 +253,45 @@ def _config_errors():
 
 
 def _pipeline_command(argv, execute) -> int:
-  """Parses Beam-style flags, runs ``execute(options)`` and prints its summary; config mistakes as one line."""
+  """Parses Beam-style flags, runs ``execute(options)`` and prints its summary.
+
+  Config mistakes are one line (exit 2). A run that fails once started (a
+  store down past its retry deadline, a worker crash) is one line too, with
+  the root cause's first line and the path of a file holding the full
+  traceback (exit 1): nothing of it was committed (cold table version, Kafka
+  offsets), so the same command can simply be run again.
+  """
+  options = pipeline_options(argv)
   try:
-    summary = execute(pipeline_options(argv))
+    summary = execute(options)
   except _config_errors() as e:
     raise UsageError(str(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"txstream: error: the run failed: {_redact(_root_cause(e))} (full traceback: {_save_traceback()}); "
+          "nothing was committed: run the same command again once the cause is fixed", file=sys.stderr)
+    return 1
   print(json.dumps(summary, indent=2, sort_keys=True))
   return 0
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost error's message (Beam wraps a worker's error in its own)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip()
+  # A runner's error holds the worker's traceback as text: its last line names the original error.
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  last = next((line for line in reversed(lines) if ": " in line and not line.startswith("File ")), None)
+  return (last or (lines[0] if lines else type(error).__name__))[:500]
+
+
+def _save_traceback() -> str:
+  import tempfile
+  import traceback
+  with tempfile.NamedTemporaryFile("w", prefix="txstream-failure-", suffix=".log", delete=False,
+                                   encoding="utf-8") as f:
+    f.write(_redact(traceback.format_exc()))
+  return f.name
 
 
 def _run(argv) -> int:

@@ -7,6 +7,7 @@ deterministic replace keyed on transaction_id).
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -17,8 +18,9 @@ import pytest
 import redis
 from clickhouse_driver import Client
 
+from tests import helpers as h
 from tests.integration.conftest import S3_CREDENTIALS, s3_pipeline_options
-from txstream.io import cold_table
+from txstream.io import cold_table, wire
 from txstream.pipelines import generate
 
 
@@ -127,3 +129,40 @@ def test_unreachable_tier_fails_before_reading(input_dir, tmp_path):
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("txstream: error: "), done.stderr
   assert not os.path.exists(f"{tmp_path}/cold"), "nothing may be written when a tier is misconfigured"
+
+
+def test_a_transaction_id_reused_on_another_day_leaves_the_tiers_agreeing(input_dir, targets, servers, tmp_path):
+  # The last write wins in every tier: a later input carries a stored id with another day and amount.
+  _run(input_dir, targets, str(tmp_path / "first"))
+  stored = cold_table.read(f"s3://{targets['bucket']}/cold", s3_pipeline_options(targets["s3_url"])).slice(0, 1)
+  row = stored.to_pylist()[0]
+  event_ms = int(row["event_time"].timestamp() * 1000) + 3 * h.DAY_MS
+  amount = row["amount_minor"] + 1234
+  later = tmp_path / "later"
+  shutil.copytree(os.path.join(input_dir, "reference"), later / "reference")
+  (later / "labels").mkdir()
+  with open(later / "labels" / "labels.wire", "wb") as f:
+    wire.write_frames(f, [])
+  (later / "transactions").mkdir()
+  record = h.tx_record(0, event_ms, customer=row["customer_id"], terminal=row["terminal_id"], amount=amount,
+                       transaction_id=row["transaction_id"], card_token=row["card_token"])
+  with open(later / "transactions" / "day-later.wire", "wb") as f:
+    wire.write_frames(f, [h.message(record)])
+  summary = _run(str(later), targets, str(tmp_path / "second"))
+  assert summary["scored"] == 1
+  tid = row["transaction_id"]
+  r = redis.Redis(host=servers["redis"].host, port=servers["redis"].port, db=targets["redis_db"])
+  hot = json.loads(r.get(f"txn:{tid}"))
+  with psycopg2.connect(targets["postgres_dsn"]) as conn, conn.cursor() as cur:
+    cur.execute("SELECT amount_minor, (extract(epoch from event_time) * 1000)::bigint FROM decisions "
+                "WHERE transaction_id = %s", (tid,))
+    warm = cur.fetchall()
+  ch = Client(host=servers["clickhouse"].host, port=servers["clickhouse"].port)
+  analytics = ch.execute(f"SELECT amount_minor, event_time_ms FROM {targets['ch_db']}.decisions FINAL "
+                         f"WHERE transaction_id = %(t)s", {"t": tid})
+  cold = [r for r in cold_table.read(f"s3://{targets['bucket']}/cold", s3_pipeline_options(targets["s3_url"]))
+          .to_pylist() if r["transaction_id"] == tid]
+  assert (hot["amount_minor"], hot["event_time_ms"]) == (amount, event_ms)
+  assert warm == [(amount, event_ms)]
+  assert [tuple(x) for x in analytics] == [(amount, event_ms)]
+  assert [(c["amount_minor"], int(c["event_time"].timestamp() * 1000)) for c in cold] == [(amount, event_ms)]

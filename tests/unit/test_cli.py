@@ -186,3 +186,24 @@ def test_log_lines_never_carry_a_password():
   finally:
     logger.removeHandler(handler)
   assert "S3cret" not in out.getvalue() and out.getvalue().count("***") == 2
+
+
+def test_a_run_that_fails_once_started_is_one_line_with_the_cause(monkeypatch, tmp_path, capsys):
+  from txstream.pipelines import run as run_lib
+
+  def failing(options):
+    try:
+      raise ConnectionError("server closed the connection unexpectedly\nThis probably means...")
+    except ConnectionError as cause:
+      raise RuntimeError("Pipeline failed:\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                         "psycopg2.OperationalError: could not connect password=S3cret") from cause
+
+  monkeypatch.setattr(run_lib, "run", lambda options: failing(options))
+  assert cli.main(["run", "--input=data/sample", f"--cold_path={tmp_path}/cold"]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("txstream: error: the run failed: server closed the connection")
+  path = err.split("full traceback: ")[1].split(")")[0]
+  with open(path, encoding="utf-8") as f:
+    saved = f.read()
+  os.remove(path)
+  assert "RuntimeError: Pipeline failed" in saved and "S3cret" not in saved

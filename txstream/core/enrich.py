@@ -3,7 +3,9 @@
 A transaction whose customer is not on file is a dead letter (a card the bank
 never issued); an unknown terminal (a new merchant) is kept with no distance.
 The reference-data version (a content hash of the files) is stamped on every
-row for lineage.
+row for lineage. Files that cannot be joined against (no records, an id twice,
+a column missing) are a ``ReferenceDataError`` when loaded, before any
+transaction is read.
 """
 import hashlib
 import io
@@ -18,6 +20,40 @@ from txstream.core import contracts, dead_letters
 from txstream.core.numeric import round_like_python
 
 REFERENCE_FILES = ("customers.avro", "terminals.avro")
+# Per file, the columns a join reads; the first is the id.
+REFERENCE_COLUMNS = {"customers.avro": ("customer_id", "home_x", "home_y", "segment"),
+                     "terminals.avro": ("terminal_id", "x", "y")}
+
+
+class ReferenceDataError(ValueError):
+  """Reference data a run cannot join against (unreadable, a missing column, no records, an id twice); one line."""
+
+
+def _records(data: bytes, name: str, columns: Tuple[str, ...]) -> list:
+  """The records of one reference file, checked before any transaction meets them.
+
+  No records would make every transaction a dead letter, and an id on file
+  twice would join to whichever row sorts first: both are errors, as is a
+  column the join needs and the file lacks.
+  """
+  try:
+    reader = fastavro.reader(io.BytesIO(data))
+    records = list(reader)
+  except (ValueError, EOFError) as e:
+    raise ReferenceDataError(f"reference file {name} is not an Avro container file: {e}") from None
+  fields = [f["name"] for f in reader.writer_schema.get("fields", ())]
+  for column in columns:
+    if column not in fields:
+      raise ReferenceDataError(f"reference file {name} has no column {column!r} (its columns: {', '.join(fields)})")
+  if not records:
+    raise ReferenceDataError(f"reference file {name} has no records: every transaction would be a dead letter")
+  ids, counts = np.unique(np.array([r[columns[0]] for r in records], dtype=np.int64), return_counts=True)
+  repeated = np.flatnonzero(counts > 1)
+  if len(repeated):
+    first = repeated[0]
+    raise ReferenceDataError(f"reference file {name}: {columns[0]} {ids[first]} is on file {counts[first]} times "
+                             f"({len(repeated)} {columns[0]}s are on file more than once)")
+  return records
 
 
 class Reference(NamedTuple):
@@ -32,11 +68,16 @@ class Reference(NamedTuple):
   version: str
 
   @classmethod
-  def from_avro(cls, customers: bytes, terminals: bytes) -> "Reference":
-    """From the bytes of ``customers.avro`` and ``terminals.avro`` (Avro container files)."""
+  def from_avro(cls, customers: bytes, terminals: bytes, names: Tuple[str, str] = REFERENCE_FILES) -> "Reference":
+    """From the bytes of ``customers.avro`` and ``terminals.avro`` (Avro container files).
+
+    ``names`` (the files' paths) name them in errors. Raises
+    ``ReferenceDataError`` for a file that is not Avro, lacks a column, has no
+    records or has an id twice.
+    """
     version = hashlib.sha256(customers + terminals).hexdigest()[:16]
-    c = list(fastavro.reader(io.BytesIO(customers)))
-    t = list(fastavro.reader(io.BytesIO(terminals)))
+    c = _records(customers, names[0], REFERENCE_COLUMNS["customers.avro"])
+    t = _records(terminals, names[1], REFERENCE_COLUMNS["terminals.avro"])
     c_order = np.argsort(np.array([r["customer_id"] for r in c], dtype=np.int64), kind="stable")
     t_order = np.argsort(np.array([r["terminal_id"] for r in t], dtype=np.int64), kind="stable")
     cs = [c[i] for i in c_order]

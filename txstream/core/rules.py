@@ -7,6 +7,7 @@ key on: the model's code first, then the rules' in file order. The rules
 version is the file's content hash, stamped beside the model version.
 """
 import dataclasses
+import difflib
 import hashlib
 import operator
 import os
@@ -73,8 +74,76 @@ class RuleSet:
     return decision, reason_codes
 
 
+_TOP_KEYS = ("version", "score_thresholds", "rules")
+_THRESHOLD_KEYS = ("decline", "review")
+_RULE_KEYS = ("code", "feature", "op", "value", "action", "ratio_of")
+_REQUIRED_RULE_KEYS = ("code", "feature", "op", "value", "action")
+
+
+def _nearest(word, valid: Sequence[str]) -> str:
+  """`` (did you mean 'x'?)`` for the closest valid word, else the valid words: a typo names its fix."""
+  near = difflib.get_close_matches(str(word), list(valid), n=1)
+  return f" (did you mean {near[0]!r}?)" if near else f" (one of: {', '.join(valid)})"
+
+
+def _check_keys(spec: dict, valid: Sequence[str], where: str) -> None:
+  """A misspelled key would otherwise be ignored and its default used without a word."""
+  for key in spec:
+    if key not in valid:
+      raise RulesError(f"{where}: unknown key {key!r}{_nearest(key, valid)}")
+
+
+def _number(value, where: str, key: str) -> float:
+  # YAML reads `yes` as True, which float() would take as 1.0.
+  if isinstance(value, bool):
+    raise RulesError(f"{where}: {key} {value!r} is not a number")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise RulesError(f"{where}: {key} {value!r} is not a number") from None
+
+
+def _rule(r, where: str, names: Sequence[str]) -> Rule:
+  if not isinstance(r, dict):
+    raise RulesError(f"{where}: must be a mapping")
+  if "code" in r:
+    where = f"{where} ({r['code']})"
+  _check_keys(r, _RULE_KEYS, where)
+  missing = [k for k in _REQUIRED_RULE_KEYS if k not in r]
+  if missing:
+    raise RulesError(f"{where}: missing {', '.join(missing)}")
+  for key in ("feature", "ratio_of"):
+    if r.get(key) is not None and r[key] not in names:
+      raise RulesError(f"{where}: unknown {key} {r[key]!r}{_nearest(r[key], names)}")
+  if r["op"] not in _OPS:
+    raise RulesError(f"{where}: unknown op {r['op']!r}{_nearest(r['op'], tuple(_OPS))}")
+  if r["action"] not in ACTIONS:
+    raise RulesError(f"{where}: unknown action {r['action']!r}{_nearest(r['action'], ACTIONS)}")
+  value = _number(r["value"], where, "value")
+  return Rule(str(r["code"]), r["feature"], r["op"], value, r["action"], r.get("ratio_of"))
+
+
+def _thresholds(spec: dict, where: str) -> Tuple[float, float]:
+  """(decline, review) score thresholds, defaults 0.9 and 0.5."""
+  thresholds = spec.get("score_thresholds", {})
+  where = f"{where}, score_thresholds"
+  if not isinstance(thresholds, dict):
+    raise RulesError(f"{where}: must be a mapping of {' and '.join(_THRESHOLD_KEYS)}")
+  _check_keys(thresholds, _THRESHOLD_KEYS, where)
+  decline = _number(thresholds.get("decline", 0.9), where, "decline")
+  review = _number(thresholds.get("review", 0.5), where, "review")
+  if not 0 <= review <= decline <= 1:
+    raise RulesError(f"{where}: need 0 <= review <= decline <= 1")
+  return decline, review
+
+
 def load_rules(path: Optional[str] = None, feature_names: Sequence[str] = contracts.FEATURE_NAMES) -> RuleSet:
-  """Parses and checks a rules file; raises RulesError with the first problem found."""
+  """Parses and checks a rules file; raises RulesError with the first problem found.
+
+  Every key is checked at every level (the file, ``score_thresholds``, each
+  rule) and every op, feature and action against what is valid: a typo is
+  an error naming the closest valid word, never a silent default.
+  """
   path = path or DEFAULT_RULES
   try:
     with open(path, "rb") as f:
@@ -83,34 +152,13 @@ def load_rules(path: Optional[str] = None, feature_names: Sequence[str] = contra
   except OSError as e:
     raise RulesError(f"cannot read rules file {path}: {e.strerror}") from e
   except yaml.YAMLError as e:
-    raise RulesError(f"rules file {path} is not valid YAML: {e}") from e
-  if not isinstance(spec, dict) or not isinstance(spec.get("rules"), list):
-    raise RulesError(f"rules file {path} must be a mapping with a 'rules' list")
-  names = set(feature_names)
-  rules = []
-  for i, r in enumerate(spec["rules"]):
-    where = f"rules file {path}, rule {i + 1}"
-    if not isinstance(r, dict):
-      raise RulesError(f"{where}: must be a mapping")
-    missing = {"code", "feature", "op", "value", "action"} - set(r)
-    if missing:
-      raise RulesError(f"{where}: missing {', '.join(sorted(missing))}")
-    if r["feature"] not in names:
-      raise RulesError(f"{where}: unknown feature {r['feature']!r}")
-    if r["op"] not in _OPS:
-      raise RulesError(f"{where}: unknown op {r['op']!r} (use one of {' '.join(_OPS)})")
-    if r["action"] not in ACTIONS:
-      raise RulesError(f"{where}: action must be one of {', '.join(ACTIONS)}")
-    ratio = r.get("ratio_of")
-    if ratio is not None and ratio not in names:
-      raise RulesError(f"{where}: unknown feature {ratio!r} in ratio_of")
-    try:
-      value = float(r["value"])
-    except (TypeError, ValueError):
-      raise RulesError(f"{where}: value must be a number") from None
-    rules.append(Rule(str(r["code"]), r["feature"], r["op"], value, r["action"], ratio))
-  thresholds = spec.get("score_thresholds", {})
-  decline, review = float(thresholds.get("decline", 0.9)), float(thresholds.get("review", 0.5))
-  if not 0 <= review <= decline <= 1:
-    raise RulesError(f"rules file {path}: need 0 <= review <= decline <= 1")
-  return RuleSet(tuple(rules), decline, review, "rules-" + hashlib.sha256(text).hexdigest()[:12])
+    raise RulesError(f"rules file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+  where = f"rules file {path}"
+  if not isinstance(spec, dict):
+    raise RulesError(f"{where} must be a mapping with a 'rules' list")
+  _check_keys(spec, _TOP_KEYS, where)
+  if not isinstance(spec.get("rules"), list):
+    raise RulesError(f"{where} must be a mapping with a 'rules' list")
+  rules = tuple(_rule(r, f"{where}, rule {i + 1}", tuple(feature_names)) for i, r in enumerate(spec["rules"]))
+  decline, review = _thresholds(spec, where)
+  return RuleSet(rules, decline, review, "rules-" + hashlib.sha256(text).hexdigest()[:12])

@@ -32,6 +32,7 @@ URL: ``clickhouse://[user[:password]@]host[:port]/database[?http_port=8123]``
 (``clickhouses://`` for TLS: native 9440, HTTPS 8443).
 """
 import base64
+import contextlib
 import http.client
 import logging
 import re
@@ -68,6 +69,37 @@ _AUTH_CODES = {_CODES.UNKNOWN_USER, _CODES.WRONG_PASSWORD, 516}
 _CONTENT_CODES = {_CODES.TYPE_MISMATCH, _CODES.CANNOT_CONVERT_TYPE, _CODES.TOO_LARGE_STRING_SIZE, 321}
 # Raised while encoding a value the column type cannot hold.
 _VALUE_ERRORS = (TypeError, ValueError, OverflowError, UnicodeError)
+
+# clickhouse-driver logs each failed connect as a WARNING with the socket error's whole traceback (16 lines),
+# then raises the error its caller reports anyway.
+_DRIVER_LOGGER = logging.getLogger("clickhouse_driver.connection")
+
+
+class _OneLineDriverWarnings(logging.Filter):
+  """The driver's warnings as one line each: the error's message in place of its traceback."""
+
+  def filter(self, record):
+    if record.exc_info and record.exc_info[1] is not None:
+      record.msg = f"{record.getMessage()}: {sinks.one_line(record.exc_info[1])}"
+      record.args = ()
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+_DRIVER_LOGGER.addFilter(_OneLineDriverWarnings())
+
+
+@contextlib.contextmanager
+def _driver_warnings_muted():
+  """Preflight raises ``SinkConfigError`` with the reason; the driver's own warning would only repeat it."""
+  level = _DRIVER_LOGGER.level
+  _DRIVER_LOGGER.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    _DRIVER_LOGGER.setLevel(level)
+
 
 FEATURE_COLUMNS = list(contracts.FEATURE_COLUMNS)
 # Every column an insert writes, with its type, in insert order.
@@ -213,6 +245,18 @@ def _add_missing_columns(client: Client, database: str, have: dict) -> None:
     have.update(added)
 
 
+def _table_columns(target: ClickHouseTarget) -> dict:
+  """{column: type} of the decisions table, created (or given its addable columns) first."""
+  ensure_schema(target)
+  client = target.client()
+  try:
+    have = {row[0]: row[1] for row in client.execute(f"DESCRIBE TABLE {target.database}.decisions")}
+    _add_missing_columns(client, target.database, have)
+  finally:
+    client.disconnect()
+  return have
+
+
 def preflight(url: str) -> None:
   """Connects once, creates the database and table if missing, checks the table's columns and the HTTP port.
 
@@ -222,13 +266,8 @@ def preflight(url: str) -> None:
   """
   target = ClickHouseTarget(url)
   try:
-    ensure_schema(target)
-    client = target.client()
-    try:
-      have = {row[0]: row[1] for row in client.execute(f"DESCRIBE TABLE {target.database}.decisions")}
-      _add_missing_columns(client, target.database, have)
-    finally:
-      client.disconnect()
+    with _driver_warnings_muted():
+      have = _table_columns(target)
   except ch_errors.ServerException as error:
     if error.code in _AUTH_CODES:
       raise SinkConfigError(f"ClickHouse at {target.where} refused user {target.user!r}: {_message(error)}") from None

@@ -1,5 +1,9 @@
 """Kafka connection settings: ``KafkaConfig``, the ``KafkaOptions`` flags and ``KafkaConfigError``.
 
+Every client logs through ``RDKAFKA_LOGGER``, at most once a minute per kind
+of line, and fails on a refused login with one ``KafkaConfigError``
+(``AuthenticationCheck``) instead of retrying it forever.
+
 Secrets: ``sasl_password`` and ``ssl_key_password`` are masked in ``repr`` and
 never logged. Left unset, they are read from ``TXSTREAM_KAFKA_SASL_PASSWORD``
 / ``TXSTREAM_KAFKA_SSL_KEY_PASSWORD`` where a client is created (on the
@@ -9,6 +13,9 @@ inside it, as the consumer config of every Beam Kafka connector does.
 import dataclasses
 import logging
 import os
+import re
+import threading
+import time
 from typing import Dict, Mapping, Optional, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -30,6 +37,68 @@ _MASK = "***"
 
 class KafkaConfigError(ValueError):
   """A Kafka misconfiguration (bad setting, missing topic, no expansion service); the message is one line."""
+
+
+# A failed SASL handshake or login, as librdkafka words it; ``AuthenticationCheck`` reports it as an error.
+_AUTH_FAILURE = re.compile(r"\bSASL\b.*\b(handshake|authentication)\b.*\bfail", re.IGNORECASE)
+_AFTER = re.compile(r"\s*\(after \d+ms in state \w+[^)]*\)")
+
+
+class _RateLimitedLines(logging.Filter):
+  """librdkafka's lines at most once a minute per shape (digits aside), with how many were held back.
+
+  A client that cannot connect or authenticate retries many times a second
+  and logs every attempt; hundreds of identical lines hide the one that
+  matters. Authentication failures are dropped here: ``AuthenticationCheck``
+  raises them as one ``KafkaConfigError``.
+  """
+
+  def __init__(self, interval_s: float = 60.0, clock=time.monotonic):
+    super().__init__()
+    self._interval_s = interval_s
+    self._clock = clock
+    self._lock = threading.Lock()
+    self._seen = {}  # shape -> (last emitted at, lines held back since)
+
+  def filter(self, record):
+    text = record.getMessage()
+    if _AUTH_FAILURE.search(text):
+      return False
+    shape = re.sub(r"\d+", "#", text)
+    now = self._clock()
+    with self._lock:
+      last, held = self._seen.get(shape, (None, 0))
+      if last is not None and now - last < self._interval_s:
+        self._seen[shape] = (last, held + 1)
+        return False
+      self._seen[shape] = (now, 0)
+    if held:
+      record.msg, record.args = f"{text} ({held} more like it in the last {self._interval_s:g} s)", ()
+    return True
+
+
+RDKAFKA_LOGGER.addFilter(_RateLimitedLines())
+
+
+class AuthenticationCheck:
+  """A client's ``error_cb``: raises ``KafkaConfigError`` on the first failed authentication, once.
+
+  librdkafka retries a refused login forever; the error surfaces from the
+  call that serves the client's callbacks (``poll``, ``consume``, ``flush``,
+  ``close``), so a caller waiting for the brokers stops at once. Other errors
+  (brokers down, transport failures) are retried by librdkafka and logged
+  by it; they stay with it.
+  """
+
+  def __init__(self):
+    self._raised = False
+
+  def __call__(self, error):
+    from confluent_kafka import KafkaError
+    if error.code() != KafkaError._AUTHENTICATION or self._raised:  # pylint: disable=protected-access
+      return
+    self._raised = True
+    raise KafkaConfigError(f"Kafka authentication failed: {_AFTER.sub('', error.str())}")
 
 
 def _is_secret(key: str) -> bool:
@@ -137,9 +206,10 @@ class KafkaConfig:
     return self.ssl_key_password or os.environ.get(SSL_KEY_PASSWORD_ENV)
 
   def client_config(self) -> Dict[str, object]:
-    """librdkafka properties shared by every client: brokers and security."""
+    """librdkafka properties shared by every client: brokers, security, logging and ``AuthenticationCheck``."""
     config = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id,
-              "security.protocol": self.security_protocol, "logger": RDKAFKA_LOGGER}
+              "security.protocol": self.security_protocol, "logger": RDKAFKA_LOGGER,
+              "error_cb": AuthenticationCheck()}
     optional = {}
     if self.security_protocol.startswith("SASL_"):
       optional.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,

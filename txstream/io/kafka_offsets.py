@@ -38,6 +38,7 @@ _LOGGER = logging.getLogger(__name__)
 # The stop offset of an unbounded restriction.
 UNBOUNDED = sys.maxsize
 _SCAN_BATCH = 10_000
+_METADATA_SLICE_S = 0.5
 
 
 def _topic(config: KafkaConfig, topic: Optional[str]) -> str:
@@ -62,12 +63,27 @@ def consumer(config: KafkaConfig, **overrides) -> Iterator["confluent_kafka.Cons
     client.close()
 
 
-def _partitions(client, topic: str, timeout_s: float) -> List[int]:
+def list_topics(client, topic: Optional[str], timeout_s: float):
+  """``client.list_topics`` (a fresh, unassigned consumer or an admin client), waiting in short slices.
+
+  Between slices the client serves its callbacks, so a failed login
+  (``KafkaConfigError`` from ``AuthenticationCheck``) ends the wait within a
+  slice instead of after ``timeout_s`` of silent retries. Raises
+  ``KafkaConfigError`` when the brokers do not answer within ``timeout_s``.
+  """
   from confluent_kafka import KafkaException
-  try:
-    metadata = client.list_topics(topic, timeout=timeout_s)
-  except KafkaException as e:
-    raise KafkaConfigError(f"Kafka brokers did not answer within {timeout_s:g} s: {_one_line(e)}") from e
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      return client.list_topics(topic, timeout=max(min(_METADATA_SLICE_S, deadline - time.monotonic()), 0.001))
+    except KafkaException as e:
+      client.poll(0)
+      if time.monotonic() >= deadline:
+        raise KafkaConfigError(f"Kafka brokers did not answer within {timeout_s:g} s: {_one_line(e)}") from e
+
+
+def _partitions(client, topic: str, timeout_s: float) -> List[int]:
+  metadata = list_topics(client, topic, timeout_s)
   described = metadata.topics.get(topic)
   if described is None or described.error is not None or not described.partitions:
     raise KafkaConfigError(f"Kafka topic {topic!r} does not exist"
@@ -322,10 +338,10 @@ def ensure_topic(config: KafkaConfig, topic: Optional[str] = None, num_partition
   if num_partitions < 1:
     raise ValueError("num_partitions must be >= 1")
   admin = AdminClient(config.admin_config())
+  existing = list_topics(admin, None, timeout_s).topics.get(topic)
+  if existing is not None and existing.error is None:
+    return len(existing.partitions)
   try:
-    existing = admin.list_topics(timeout=timeout_s).topics.get(topic)
-    if existing is not None and existing.error is None:
-      return len(existing.partitions)
     future = admin.create_topics([NewTopic(topic, num_partitions, -1)], operation_timeout=timeout_s)[topic]
     try:
       future.result(timeout=timeout_s)

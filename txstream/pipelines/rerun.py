@@ -36,7 +36,8 @@ from txstream.core import contracts
 from txstream.io.kafka_config import KafkaOptions
 from txstream.pipelines import manifest as manifest_lib
 from txstream.pipelines.graph import Sources
-from txstream.pipelines.run import ConfigError, check_config, execute
+from txstream.pipelines.run import (ConfigError, check_config, check_reference, check_scoring_and_runner,
+                                   execute)
 
 RERUNS = "reruns"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
@@ -174,6 +175,8 @@ def _source(options, window: Tuple[int, int], original: Optional[dict]) -> Sourc
     if _archive_versions(tiers.cold_path, options):
       if not src.reference_dir:
         raise ConfigError("a rerun from the raw archive needs --reference_dir DIR (or --of RUN_ID)")
+      check_scoring_and_runner(options)
+      check_reference(options, src.reference_dir)
       return Sources(archive=(tiers.cold_path, window[1]))
     src.input = ((original or {}).get("source") or {}).get("input")
     if not src.input:

@@ -5,6 +5,7 @@ The summary JSON reports ``events_in``, ``scored``, ``dead_letter_total``,
 ``wall_seconds`` and ``events_per_second``; ``scored + dead_letter_total +
 filtered == events_in`` holds for every completed run.
 """
+import glob
 import json
 import logging
 import os
@@ -14,17 +15,25 @@ from collections import Counter
 from typing import Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import txstream
 from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
+from txstream.core import contracts
+from txstream.core.enrich import ReferenceDataError
+from txstream.core.rules import load_rules
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io import cold_table, raw_archive
 from txstream.io.kafka_offsets import commit_offsets
+from txstream.io.sinks import SinkConfigError
+from txstream.models import artifacts
 from txstream.pipelines import manifest as manifest_lib
 from txstream.pipelines.graph import Sources, build_graph, build_tiers
 from txstream.runners.profiles import run_context, runner_for
+from txstream.transforms.enrich import load_reference
+from txstream.transforms.tiers import check_writable
 
 _LOGGER = logging.getLogger(__name__)
 NAMESPACE = "txstream"
@@ -65,6 +74,14 @@ def summarize(values: Counter, wall_seconds: float, model_version: str) -> dict:
 
 
 def check_config(options) -> None:
+  """Checks the flags and the files they name before anything is read; each mistake is one line.
+
+  ``ConfigError`` for the flags, the input directory (transactions and
+  labels files) and the reference data (``core.enrich.ReferenceDataError``'s
+  checks); the model, rules and runner raise their own ``ModelError``,
+  ``RulesError`` and ``RunnerError``. Output paths and servers are
+  ``preflight_tiers``'s.
+  """
   src = options.view_as(SourceOptions)
   if options.view_as(ScoreOptions).model_watch_pattern:
     raise ConfigError("--model_watch_pattern needs a streaming run; `txstream run` scores with one model")
@@ -77,6 +94,8 @@ def check_config(options) -> None:
       KafkaConfig.from_options(options)
     except ValueError as e:
       raise ConfigError(str(e)) from e
+    check_scoring_and_runner(options)
+    check_reference(options, src.reference_dir)
     return
   if not src.input:
     raise ConfigError("--input DIR (files written by `txstream generate`) or --topic T is required")
@@ -85,19 +104,80 @@ def check_config(options) -> None:
   for sub in ("transactions", "labels", "reference"):
     if "://" not in src.input and not os.path.isdir(os.path.join(src.input, sub)):
       raise ConfigError(f"--input {src.input}: missing {sub}/ (not written by `txstream generate`?)")
+  check_scoring_and_runner(options)
+  _check_input_files(src.input)
+  check_reference(options, src.reference_dir or os.path.join(src.input, "reference"))
+
+
+def check_scoring_and_runner(options) -> None:
+  """The model and rules files, as ``Score`` will load them (both are small), and the runner.
+
+  These come before the input files: a flag is the likelier mistake, and its
+  error should not hide behind one about the data.
+  """
+  score = options.view_as(ScoreOptions)
+  artifacts.load_metadata(score.model_dir, contracts.FEATURE_NAMES)
+  load_rules(score.rules)
+  runner_for(options)  # RunnerError for a runner that is not installed here
+
+
+def _check_input_files(input_dir: str) -> None:
+  """An input without transactions or labels would run and account for nothing, or score without labels."""
+  if "://" in input_dir:
+    return
+  if not glob.glob(os.path.join(input_dir, "transactions", "*.wire")):
+    raise ConfigError(f"--input {input_dir}: no transactions/*.wire files")
+  if not glob.glob(os.path.join(input_dir, "labels", "*.wire")):
+    raise ConfigError(f"--input {input_dir}: missing labels/labels.wire")
+
+
+def check_reference(options, reference_dir: str) -> None:
+  """Empty, duplicated or malformed reference data would dead-letter or mis-join transactions silently."""
+  if "://" in reference_dir:
+    # What beam.Pipeline() does first anyway: an s3:// directory is read with the run's S3 flags.
+    FileSystems.set_options(options)
+  try:
+    load_reference(reference_dir)
+  except ReferenceDataError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_outputs(options, config) -> None:
+  """Every output path, before the run: a path that fails at the end loses a completed run's output."""
+  if config.cold_path:
+    check_writable(config.cold_path, "--cold_path", options)
+  if config.dead_letter_path:
+    check_writable(config.dead_letter_path, "--dead_letter_path", options)
+  summary = options.view_as(RunOptions).summary_json
+  if summary:
+    if os.path.isdir(summary):
+      raise ConfigError(f"--summary_json {summary}: is a folder, not a file")
+    check_writable(os.path.dirname(os.path.abspath(summary)), "--summary_json", options)
+
+
+def _make_summary_folder(options) -> None:
+  """The summary is written with ``open`` once the run is done: its folder must be there by then."""
+  summary = options.view_as(RunOptions).summary_json
+  if summary:
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(summary)), exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"--summary_json {summary}: {e.strerror}") from None
 
 
 def preflight_tiers(options, run_id: str = "run"):
-  """Builds WriteTiers and checks every server tier before any data is read."""
-  from txstream.io.sinks import SinkConfigError
+  """Builds WriteTiers and checks every output path and server tier before any data is read.
+
+  Creates nothing unless every check passes; then only the summary's folder.
+  """
   write_tiers = build_tiers(options, run_id)
   try:
+    _check_outputs(options, write_tiers.config)
     write_tiers.preflight()
   except SinkConfigError as e:
     raise ConfigError(str(e)) from e
+  _make_summary_folder(options)
   return write_tiers
-
-
 
 
 def run(argv=None, options: Optional[PipelineOptions] = None) -> dict:

@@ -26,14 +26,22 @@ class EnrichResult(NamedTuple):
 
 
 def _read(path: str) -> bytes:
-  with FileSystems.open(path) as f:
-    return f.read()
+  try:
+    with FileSystems.open(path) as f:
+      return f.read()
+  except OSError as e:  # Beam's BeamIOError is one too
+    raise enrich.ReferenceDataError(f"cannot read reference file {path}: {' '.join(str(e).split())}") from None
 
 
 def load_reference(reference_dir: str) -> enrich.Reference:
-  """The reference files of ``reference_dir`` (local or any Beam filesystem) as arrays."""
-  customers, terminals = (_read(FileSystems.join(reference_dir, name)) for name in enrich.REFERENCE_FILES)
-  return enrich.Reference.from_avro(customers, terminals)
+  """The reference files of ``reference_dir`` (local or any Beam filesystem) as arrays.
+
+  Raises ``core.enrich.ReferenceDataError`` (one line naming the file) for a
+  file that cannot be read or joined against.
+  """
+  paths = tuple(FileSystems.join(reference_dir, name) for name in enrich.REFERENCE_FILES)
+  customers, terminals = (_read(path) for path in paths)
+  return enrich.Reference.from_avro(customers, terminals, paths)
 
 
 class _Shareable:

@@ -8,6 +8,8 @@ retries and reruns never duplicate. Each tier counts the rows it wrote under
 """
 import io
 import logging
+import os
+import tempfile
 from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -20,7 +22,7 @@ from txstream.core import dead_letters
 from txstream.core.batch import DeadLetterBatch, DecisionBatch, split_by
 from txstream.io import cold_table, parquet
 from txstream.io.file_retry import RetryingFileWrite
-from txstream.io.sinks import RetryPolicy, SinkResult
+from txstream.io.sinks import RetryPolicy, SinkConfigError, SinkResult, one_line
 from txstream.transforms import counting
 from txstream.transforms.features import SHARDS
 
@@ -145,6 +147,53 @@ def _by_stage(batch: DeadLetterBatch):
   table = batch.table
   for stage in sorted(set(table.column("stage").to_pylist())):
     yield stage, DeadLetterBatch(table.filter(pc.equal(table.column("stage"), stage)))
+
+
+def check_writable(path: str, what: str, options=None) -> None:
+  """Raises ``SinkConfigError`` (one line) when the folder ``path`` cannot be written; leaves nothing behind.
+
+  A path that cannot be written would otherwise fail the run only once its
+  data has been read and decided. Local: the folder, or the nearest existing folder
+  on the way to it, must take a probe file (created and removed at once;
+  no folder is created). ``s3://``: a HEAD of the bucket with Beam's S3 flags
+  from ``options`` (an object's write permission shows at the first write).
+  Other schemes are left to the write.
+  """
+  if path.startswith("s3://"):
+    _check_bucket(path, what, options)
+  elif "://" not in path:
+    _check_local_folder(path, what)
+
+
+def _check_local_folder(path: str, what: str) -> None:
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise SinkConfigError(f"{what} {path}: {existing} is not a folder")
+  try:
+    with tempfile.NamedTemporaryFile(dir=existing, prefix=".txstream-probe-"):
+      pass
+  except OSError as error:
+    raise SinkConfigError(f"{what} {path}: cannot write in {existing}: {error.strerror or error}") from None
+
+
+def _check_bucket(path: str, what: str, options) -> None:
+  from apache_beam.io.aws.clients.s3 import boto3_client
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from botocore import exceptions as boto
+  bucket = path[len("s3://"):].split("/", 1)[0]
+  if not bucket:
+    raise SinkConfigError(f"{what} {path}: no bucket")
+  try:
+    boto3_client.Client(options or PipelineOptions()).client.head_bucket(Bucket=bucket)
+  except boto.ClientError as error:
+    status = error.response.get("Error", {}).get("Code", "")
+    reason = {"404": "no such bucket", "NoSuchBucket": "no such bucket",
+              "403": "access denied"}.get(status, one_line(error))
+    raise SinkConfigError(f"{what} {path}: S3 bucket {bucket!r}: {reason}") from None
+  except boto.BotoCoreError as error:
+    raise SinkConfigError(f"{what} {path}: cannot reach S3: {one_line(error)}") from None
 
 
 class WriteColdTier(beam.PTransform[beam.PCollection[DecisionBatch], beam.PCollection]):
