@@ -34,6 +34,7 @@ def _all_option_classes():
   import txstream.config.options  # pylint: disable=unused-import
   import txstream.io.kafka_config  # pylint: disable=unused-import
   import txstream.pipelines.rerun  # pylint: disable=unused-import
+  import txstream.metrics  # pylint: disable=unused-import
   seen, stack = {}, list(PipelineOptions.__subclasses__())
   while stack:
     cls = stack.pop()
@@ -153,41 +154,128 @@ def _train_parser(sub):
                       "validation folds (best average precision) before testing.")
 
 
+_RUN_EXAMPLES = """\
+examples:
+  # generated files, cold tier only (out/cold), in this process
+  txstream run --input data/sample
+  # a bounded read of Kafka, from the committed offsets to the end
+  txstream run --bootstrap_servers=127.0.0.1:9092 --topic=transactions --labels_topic=labels \\
+    --reference_dir=data/k/reference
+  # all four tiers, the cold one on S3
+  txstream run --input data/sample --redis_url=redis://127.0.0.1:6379/0 \\
+    --postgres_dsn='host=127.0.0.1 dbname=txstream user=postgres' \\
+    --clickhouse_url=clickhouse://127.0.0.1:9000/txstream \\
+    --cold_path=s3://decisions/cold --s3_endpoint_url=http://127.0.0.1:9000
+  # on Prism, Beam's local portable runner (`txstream services up prism`)
+  txstream run --input data/sample --runner=PrismRunner"""
+
+_RERUN_EXAMPLES = """\
+examples:
+  txstream rerun --of RUN_ID --from 2018-04-15 --to 2018-04-18 --rerun_id april15
+  txstream reconcile --left delta:out/cold/decisions --right rerun:april15 --report out/report
+  txstream rerun --of RUN_ID --from 2018-04-15T00:00:00+02:00 --to 2018-04-16 --rules new.yaml --promote"""
+
+_STREAM_EXAMPLES = """\
+examples:
+  # the live hot path in this process, hot tier in Redis, for ten minutes
+  txstream stream --bootstrap_servers=127.0.0.1:9092 --topic=transactions --labels_topic=labels \\
+    --reference_dir=data/k/reference --redis_url=redis://127.0.0.1:6379/0 --duration_s=600
+  # the full streaming graph on a Flink cluster
+  txstream stream --runner=FlinkRunner --flink_master=flink-jm:8081 --bootstrap_servers=kafka:9092 \\
+    --topic=transactions --labels_topic=labels --reference_dir=gs://bucket/reference"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the examples' line breaks; appends a flag's default where it says something."""
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+      return text
+    return text + " (default: %(default)s)"
+
+
+def _beam_runner_flags(group) -> None:
+  """The Beam flags a txstream user reaches for first; Beam defines and parses them, this only lists them."""
+  group.add_argument("--runner", default="DirectRunner",
+                     help="DirectRunner (in this process), PrismRunner, FlinkRunner, PortableRunner, DataflowRunner.")
+  group.add_argument("--direct_num_workers", type=int, default=1,
+                     help="DirectRunner: parallel workers (0: one per CPU).")
+  group.add_argument("--direct_running_mode", default="in_memory",
+                     choices=("in_memory", "multi_threading", "multi_processing"),
+                     help="DirectRunner: workers as threads sharing this process's memory, or as processes.")
+  group.add_argument("--job_endpoint", default=None,
+                     help="PortableRunner: job server host:port, or 'embed' to start one here.")
+  group.add_argument("--environment_type", default=None,
+                     help="Where portable runners run the Python workers: DOCKER, PROCESS, EXTERNAL or LOOPBACK "
+                          "(local runners default to LOOPBACK here).")
+  group.add_argument("--flink_master", default="[auto]",
+                     help="FlinkRunner: JobManager host:port, or [local] for an embedded cluster.")
+  group.add_argument("--s3_endpoint_url", default=None,
+                     help="S3-compatible endpoint for s3:// paths, e.g. http://127.0.0.1:9000.")
+  group.add_argument("--s3_access_key_id", default=None, help="S3 access key.")
+  group.add_argument("--s3_secret_access_key", default=None, help="S3 secret key.")
+  group.add_argument("--s3_region_name", default=None, help="S3 region.")
+
+
 def _run_help(command: str = "run"):
+  """Help for the Beam-style commands, by concern; their flags are parsed by Beam, not by this parser."""
   import txstream.config.options as o
   from txstream.io.kafka_config import KafkaOptions
-  epilog = None
+  from txstream.metrics import MetricsOptions
+  from txstream.pipelines.rerun import RerunOptions
+
+  def kafka(group):
+    group.add_argument("--bootstrap_servers", default=None,
+                       help="Kafka brokers host:port[,...] (with --topic instead of --input).")
+    KafkaOptions._add_argparse_args(group)  # pylint: disable=protected-access
+
+  def run_flags(group):
+    o.RunOptions._add_argparse_args(group)  # pylint: disable=protected-access
+    o.add_progress_flag(group)
+
+  # pylint: disable=protected-access
+  groups = {"Source": o.SourceOptions._add_argparse_args, "Kafka": kafka,
+            "Features": o.FeatureOptions._add_argparse_args, "Scoring": o.ScoreOptions._add_argparse_args,
+            "Tiers": o.TierOptions._add_argparse_args, "Run": run_flags,
+            "Rerun": RerunOptions._add_argparse_args, "Live": o.LiveOptions._add_argparse_args,
+            "Metrics": MetricsOptions._add_argparse_args}
   if command == "rerun":
-    from txstream.pipelines.rerun import RerunOptions
     description = ("Decide the event-time window [--from, --to) again: every transaction before --from is read "
                    "as feature state only, so each one in the window gets the features the original run gave it. "
                    "Reads the cold tier's raw archive (or --input DIR); with --of RUN_ID the model, rules and "
                    "reference data default to the original's, checked unchanged. Writes to the rerun's namespace "
                    "(<cold_path>/reruns/<id>/, PostgreSQL schema rerun_<id>; no hot or analytics tier) unless "
-                   "--promote.")
-    groups = (RerunOptions, o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions)
-    epilog = ("examples:\n"
-              "  txstream rerun --of RUN_ID --from 2018-04-15 --to 2018-04-18 --rerun_id april15\n"
-              "  txstream reconcile --left delta:out/cold/decisions --right rerun:april15 --report out/report\n"
-              "  txstream rerun --of RUN_ID --from 2018-04-15T00:00:00+02:00 --to 2018-04-16 --rules new.yaml "
-              "--promote")
+                   "--promote. Progress goes to stderr, the summary JSON to stdout.")
+    titles, epilog = ("Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics"), _RERUN_EXAMPLES
   elif command == "stream":
     description = ("Run the graph live from Kafka: on the DirectRunner the live hot path (one fused stage, "
                    "feature state in the worker, offsets committed after the tiers), on --runner FlinkRunner/"
                    "DataflowRunner/PrismRunner the full streaming graph. Stops cleanly on Ctrl-C.")
-    groups = (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.LiveOptions)
+    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Metrics"), _STREAM_EXAMPLES
   else:
     description = ("Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
-                   "Every standard Beam flag (--runner, --direct_num_workers, --direct_running_mode, ...) also "
-                   "applies.")
-    groups = (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions)
-  parser = argparse.ArgumentParser(prog=f"txstream {command}", description=textwrap.fill(description, 100),
-                                   epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-  if command != "rerun":
-    parser.add_argument("--bootstrap_servers", help="Kafka brokers host:port[,...] (with --topic instead of --input).")
-  for cls in groups:
-    cls._add_argparse_args(parser.add_argument_group(cls.__name__))  # pylint: disable=protected-access
+                   "Progress (events read, decisions, events/s, time left) goes to stderr, the summary JSON to "
+                   "stdout.")
+    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics"), _RUN_EXAMPLES
+  parser = argparse.ArgumentParser(prog=f"txstream {command}", usage="%(prog)s [FLAG ...] [BEAM FLAG ...]",
+                                   description=textwrap.fill(description, 100), epilog=epilog,
+                                   formatter_class=_HelpFormatter)
+  for title in titles:
+    groups[title](parser.add_argument_group(title))
+  _beam_runner_flags(parser.add_argument_group("Beam runner", textwrap.fill(
+      "Standard Apache Beam flags; every other Beam flag (--streaming, --temp_location, --project, "
+      "--sdk_worker_parallelism, ...) passes through to the runner as well.", 100)))
   parser.print_help()
+
+
+def version() -> str:
+  """``txstream 0.1.0 (git <commit>), Apache Beam 2.x, Python 3.x``: what a bug report needs to name."""
+  import platform
+  import apache_beam
+  import txstream
+  from txstream.pipelines.manifest import code_version
+  return (f"txstream {txstream.__version__} (git {code_version() or 'unknown'}), "
+          f"Apache Beam {apache_beam.__version__}, Python {platform.python_version()}")
 
 
 def main(argv=None) -> int:
@@ -197,6 +285,7 @@ def main(argv=None) -> int:
     if not any(isinstance(f, _Redacting) for f in handler.filters):
       handler.addFilter(_Redacting())
   parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
+  parser.add_argument("--version", action="store_true", help="Print the txstream, git, Beam and Python versions.")
   sub = parser.add_subparsers(dest="command", metavar="{generate,run,rerun,stream,train,services,reconcile}")
   _generate_parser(sub)
   _run_parser(sub)
@@ -208,6 +297,9 @@ def main(argv=None) -> int:
   try:
     if not argv or argv[0] in ("-h", "--help"):
       parser.print_help()
+      return 0
+    if argv[0] == "--version":
+      print(version())
       return 0
     if argv[0] == "run":
       if "-h" in argv[1:] or "--help" in argv[1:]:

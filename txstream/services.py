@@ -557,6 +557,62 @@ def status(names: Optional[Iterable[str]] = None, quiet: bool = False) -> Dict[s
   return result
 
 
+# ----------------------------------------------------------------------------------------------- tools
+# Installed artifacts like the runners: ``up`` installs them, ``status`` says where they are.
+
+PROMTOOL_PACKAGE = "prometheus"  # Debian's package: promtool ships beside the server
+
+
+def promtool_path() -> pathlib.Path:
+  return state_root() / "promtool" / "bin" / "promtool"
+
+
+def install_promtool(say: Callable[[str], None]) -> str:
+  """promtool (checks and unit-tests the alert rules) from Debian's ``prometheus`` package; returns its path.
+
+  Only the one binary is unpacked into the services directory: the
+  Prometheus server is neither installed nor started. ``ServiceError`` (one
+  line) when apt-get cannot fetch the package.
+  """
+  path = promtool_path()
+  if path.exists() and os.access(path, os.X_OK):
+    return str(path)
+  if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+    raise ServiceError("promtool: needs apt-get and dpkg-deb to fetch Debian's prometheus package; "
+                       "or put promtool in " + str(path))
+  work = path.parent.parent
+  work.mkdir(parents=True, exist_ok=True)
+  log = work / "install.log"
+  say(f"fetching {PROMTOOL_PACKAGE} with apt-get download (log {log})")
+  with open(log, "ab") as out:
+    def download(*args):
+      return subprocess.run(["apt-get", *args], cwd=work, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT, check=False).returncode
+    # A fresh machine may have empty package lists; update only when the plain download fails.
+    if download("download", PROMTOOL_PACKAGE) != 0 and (
+        download("update") != 0 or download("download", PROMTOOL_PACKAGE) != 0):
+      raise ServiceError(f"promtool: apt-get download {PROMTOOL_PACKAGE} failed; see {log}")
+  debs = sorted(work.glob(f"{PROMTOOL_PACKAGE}_*.deb"))
+  if not debs:
+    raise ServiceError(f"promtool: apt-get download {PROMTOOL_PACKAGE} left no .deb in {work}; see {log}")
+  unpacked = work / "unpacked"
+  shutil.rmtree(unpacked, ignore_errors=True)
+  done = subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], capture_output=True, text=True,
+                        check=False)
+  binary = unpacked / "usr" / "bin" / "promtool"
+  if done.returncode != 0 or not binary.exists():
+    raise ServiceError(f"promtool: unpacking {debs[-1].name} failed: {' '.join(done.stderr.split())[:300]}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(binary, path)
+  shutil.rmtree(unpacked, ignore_errors=True)
+  for deb in debs:
+    deb.unlink()
+  return str(path)
+
+
+TOOLS = {"promtool": (install_promtool, promtool_path)}
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
 def add_parser(subparsers):
@@ -567,7 +623,8 @@ def add_parser(subparsers):
                   "stop only ours; install runners at the Beam version in use into .services/.")
   p.add_argument("action", choices=("up", "down", "status"))
   p.add_argument("names", nargs="*", metavar="NAME",
-                 help=f"Any of {', '.join(SERVICES)}, prism, flink, expansion (default: the servers and prism).")
+                 help=f"Any of {', '.join(SERVICES)}, prism, flink, expansion, promtool (default: the servers, "
+                      "prism and promtool).")
   return p
 
 
@@ -578,11 +635,12 @@ def run(args) -> int:
   ``up`` installs them, ``status`` says where they are, ``down`` leaves them.
   """
   from txstream.runners import install
-  names = args.names or list(SERVICES) + list(install.DEFAULT)
-  known = list(SERVICES) + list(install.RUNNERS)
+  names = args.names or list(SERVICES) + list(install.DEFAULT) + list(TOOLS)
+  known = list(SERVICES) + list(install.RUNNERS) + list(TOOLS)
   unknown = [n for n in names if n not in known]
   servers = [n for n in names if n in SERVICES]
   runners = [n for n in names if n in install.RUNNERS]
+  tools = [n for n in names if n in TOOLS]
   say = functools.partial(_say, False)
   try:
     if unknown:
@@ -591,12 +649,19 @@ def run(args) -> int:
       if servers:
         up(servers)
       install.up(runners, say)
+      for name in tools:
+        say(f"{name}: installed, {TOOLS[name][0](lambda line, n=name: say(f'{n}: {line}'))}")
     elif args.action == "down":
       if servers:
         down(servers)
     else:
       servers_up = all(s.up for s in status(servers).values()) if servers else True
-      return 0 if install.status(runners, say) and servers_up else 1
+      tools_ok = True
+      for name in tools:
+        where = TOOLS[name][1]()
+        tools_ok = tools_ok and where.exists()
+        say(f"{name}: {'installed' if where.exists() else 'not installed'}, {where}")
+      return 0 if install.status(runners, say) and servers_up and tools_ok else 1
   except ServiceError as e:
     print(f"txstream: error: {e}", file=sys.stderr)
     return 2

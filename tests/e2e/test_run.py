@@ -45,6 +45,20 @@ def _dead_letters(out_dir):
   return letters
 
 
+def test_metrics_file_holds_the_run_figures(corrupted_input, tmp_path):
+  from prometheus_client.parser import text_string_to_metric_families
+  summary = run.run([f"--input={corrupted_input}", f"--cold_path={tmp_path}/cold", f"--dead_letter_path={tmp_path}/d",
+                     f"--metrics_file={tmp_path}/m/txstream.prom"])
+  assert summary["metrics_file"] == f"{tmp_path}/m/txstream.prom"
+  with open(summary["metrics_file"], encoding="utf-8") as f:
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(f.read()) for s in family.samples}
+  assert samples[("txstream_events_in_total", ())] == summary["events_in"]
+  assert sum(v for (name, _), v in samples.items() if name == "txstream_dead_letters_total") == (
+      summary["dead_letter_total"])
+  assert sum(v for (name, _), v in samples.items() if name == "txstream_decisions_total") == summary["scored"]
+
+
 def test_damaged_records_are_exactly_the_dead_letters(corrupted_input, tmp_path):
   with open(os.path.join(corrupted_input, "manifest.json"), encoding="utf-8") as f:
     manifest = json.load(f)

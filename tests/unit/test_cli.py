@@ -1,13 +1,18 @@
 """The `txstream` command: help for every subcommand, one-line errors, exit codes."""
+import argparse
 import io
 import json
 import logging
 import os
+import platform
+import re
 import subprocess
 import sys
 
+import apache_beam
 import pytest
 
+import txstream
 from txstream import cli
 
 TXSTREAM = [sys.executable, "-m", "txstream.cli"]
@@ -207,3 +212,50 @@ def test_a_run_that_fails_once_started_is_one_line_with_the_cause(monkeypatch, t
     saved = f.read()
   os.remove(path)
   assert "RuntimeError: Pipeline failed" in saved and "S3cret" not in saved
+
+
+def test_version(capsys):
+  assert cli.main(["--version"]) == 0
+  out = capsys.readouterr().out.strip()
+  assert re.fullmatch(rf"txstream {re.escape(txstream.__version__)} \(git ([0-9a-f]{{40}}(\+dirty)?|unknown)\), "
+                      rf"Apache Beam {re.escape(apache_beam.__version__)}, "
+                      rf"Python {re.escape(platform.python_version())}", out), out
+
+
+_GROUPS = {
+    "run": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Beam runner"],
+    "rerun": ["Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Beam runner"],
+    "stream": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Metrics", "Beam runner"],
+}
+
+
+def _flags(*option_classes):
+  parser = argparse.ArgumentParser(add_help=False)
+  for cls in option_classes:
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return {s for a in parser._actions for s in a.option_strings}  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("command", sorted(_GROUPS))
+def test_help_is_grouped_by_concern_and_lists_every_flag(capsys, command):
+  from txstream.config import options as o
+  from txstream.io.kafka_config import KafkaOptions
+  from txstream.pipelines.rerun import RerunOptions
+  assert cli.main([command, "--help"]) == 0
+  out = capsys.readouterr().out
+  titles = re.findall(r"^(\w[\w ]*):$", out, flags=re.MULTILINE)
+  assert titles == ["options"] + _GROUPS[command] + ["examples"]
+  assert "Options" not in out  # no class names left as titles
+  own = {"run": (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions),
+         "rerun": (RerunOptions, o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions),
+         "stream": (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions,
+                    o.LiveOptions)}[command]
+  beam = {"--runner", "--direct_num_workers", "--direct_running_mode", "--job_endpoint", "--environment_type",
+          "--flink_master", "--s3_endpoint_url", "--s3_access_key_id", "--s3_secret_access_key", "--s3_region_name"}
+  kafka = {"--bootstrap_servers"} if command != "rerun" else set()
+  for flag in _flags(*own) | beam | kafka | {"--progress_interval_s", "--metrics_file", "--metrics_port"}:
+    assert re.search(rf"^  {flag}\b", out, flags=re.MULTILINE), flag
+  words = " ".join(out.split())  # a default may be wrapped onto the next line
+  assert "every other Beam flag" in words
+  assert "(default: DirectRunner)" in words and "(default: out/cold)" in words
+  assert f"txstream {command} " in out.split("examples:")[1]

@@ -69,8 +69,20 @@ class RunOptions(PipelineOptions):
     parser.add_argument("--summary_json", default=None, help="Write the run summary here (also printed).")
 
 
+def add_progress_flag(parser) -> None:
+  """``--progress_interval_s``, read by ``run``, ``rerun`` and ``stream`` through ``LiveOptions``.
+
+  Beam parses every options class's flags with one parser, so a flag is
+  defined by one class only; ``txstream run --help`` lists it under Run.
+  """
+  parser.add_argument("--progress_interval_s", type=float, default=10.0,
+                      help="Seconds between progress lines on stderr. run/rerun: events read, decisions, "
+                           "events/s and time left (0: none); stream: decisions/s and produce-to-decision "
+                           "latency (must be positive).")
+
+
 class LiveOptions(PipelineOptions):
-  """``txstream stream`` only."""
+  """``txstream stream`` only, except ``--progress_interval_s`` (see ``add_progress_flag``)."""
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument("--duration_s", type=float, default=None,
@@ -78,8 +90,7 @@ class LiveOptions(PipelineOptions):
     parser.add_argument("--warmup", default="history", choices=("history", "none"),
                         help="history: rebuild the feature state from the topics' records below the committed "
                              "offsets before deciding (default); none: start with empty state.")
-    parser.add_argument("--progress_interval_s", type=float, default=10.0,
-                        help="Log decisions/s and produce-to-decision latency this often.")
+    add_progress_flag(parser)
     parser.add_argument("--live_batch_size", type=int, default=2000,
                         help="Fetch and decide at most this many records of a partition at a time (each fetch "
                              "is decided as soon as it arrives).")

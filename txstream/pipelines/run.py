@@ -20,7 +20,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import txstream
-from txstream.config.options import RunOptions, ScoreOptions, SourceOptions, TierOptions
+from txstream import metrics
+from txstream import progress
+from txstream.config.options import LiveOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.core import contracts
 from txstream.core.enrich import ReferenceDataError
 from txstream.core.rules import load_rules
@@ -153,6 +155,9 @@ def _check_outputs(options, config) -> None:
     if os.path.isdir(summary):
       raise ConfigError(f"--summary_json {summary}: is a folder, not a file")
     check_writable(os.path.dirname(os.path.abspath(summary)), "--summary_json", options)
+  metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
+  if metrics_file:
+    check_writable(os.path.dirname(os.path.abspath(metrics_file)), "--metrics_file", options)
 
 
 def _make_summary_folder(options) -> None:
@@ -260,7 +265,8 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   manifest = _start_manifest(options, run_id, kind, outputs, window, manifest_extra or {})
   _record_manifest(runs_dsn, cold_path, manifest, first=True)
   try:
-    summary = _execute(options, pipeline, runner, outputs, run_id, cold_path, start)
+    summary = _execute(options, pipeline, runner, outputs, run_id, cold_path, start,
+                       progress.expected_events(manifest["inputs"]))
   except BaseException as e:
     manifest.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
                     finished_at=manifest_lib.utc_iso(int(time.time() * 1000)))
@@ -284,12 +290,19 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   return summary
 
 
-def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optional[str], start: float) -> dict:
+def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optional[str], start: float,
+             expected_events: Optional[int] = None) -> dict:
+  reporter = progress.ProgressReporter(options.view_as(LiveOptions).progress_interval_s, expected_events)
   with run_context(runner):
-    result = pipeline.run()
-    result.wait_until_finish()
+    reporter.start()
+    try:
+      result = pipeline.run()
+      result.wait_until_finish()
+    finally:
+      reporter.stop()
   wall = time.monotonic() - start
   summary = summarize(counters(result), wall, outputs.model_version)
+  reporter.finish(summary["events_in"], summary["scored"], wall)
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
   summary["rules_version"] = outputs.rules_version
@@ -314,4 +327,9 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
       commit_offsets(config, {p: stop for p, (_, stop) in outputs.label_ranges.items()},
                      topic=options.view_as(KafkaOptions).labels_topic)
     summary["kafka_offsets"] = {str(p): [start, stop] for p, (start, stop) in sorted(outputs.kafka_ranges.items())}
+  metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
+  if metrics_file:
+    os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+    metrics.write_textfile(metrics_file, metrics.from_run(*metrics.collect(result), summary))
+    summary["metrics_file"] = metrics_file
   return summary

@@ -30,6 +30,7 @@ from txstream.io import kafka
 from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import committed_offsets, resolve_ranges
 from txstream.io.kafka_read import ReadPartitionsLive
+from txstream.metrics import MetricsOptions, latency_summary
 from txstream.pipelines.run import ConfigError
 from txstream.runners.profiles import runner_for
 from txstream.transforms.live import DecideLive
@@ -76,6 +77,12 @@ def check_config(options) -> KafkaConfig:
                         "--group_id G`) or by the full graph on a streaming runner")
     if (options.view_as(DirectOptions).direct_num_workers or 1) > 1:
       raise ConfigError("the live hot path keeps feature state in one worker: --direct_num_workers must be 1")
+  elif options.view_as(MetricsOptions).metrics_port is not None:
+    raise ConfigError("--metrics_port serves the live hot path's metrics (DirectRunner); on Flink or Dataflow "
+                      "scrape the runner's own metrics")
+  port = options.view_as(MetricsOptions).metrics_port
+  if port is not None and not 0 < port < 65536:
+    raise ConfigError(f"--metrics_port {port}: not a TCP port (1-65535)")
   try:
     return KafkaConfig.from_options(options)
   except ValueError as e:
@@ -111,7 +118,8 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   score = options.view_as(ScoreOptions)
   decide = DecideLive(config, transactions, labels, decide_from, src.reference_dir, score.model_dir, score.rules,
                       src.schema_registry_url, options.view_as(FeatureOptions).terminal_delay_days,
-                      live.progress_interval_s, read_from=starts, model_watch_pattern=score.model_watch_pattern)
+                      live.progress_interval_s, read_from=starts, model_watch_pattern=score.model_watch_pattern,
+                      metrics_port=options.view_as(MetricsOptions).metrics_port, with_metrics=True)
   out = (pipeline
          | "ReadKafka" >> ReadPartitionsLive(config, starts, batch_size=live.live_batch_size,
                                              checkpoint_interval_s=live.live_checkpoint_ms / 1000)
@@ -162,10 +170,12 @@ def stream(options: PipelineOptions) -> dict:
   except (SinkConfigError, ValueError) as e:
     raise ConfigError(str(e)) from e
   began = time.monotonic()
+  live_metrics = None
   if is_direct(options):
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     pipeline = beam.Pipeline(runner=fn_runner.FnApiRunner(), options=options)
-    _, starts, decide_from = build_hot_path(pipeline, options, config, write_tiers)
+    decide, starts, decide_from = build_hot_path(pipeline, options, config, write_tiers)
+    live_metrics = _serve_metrics(decide, options)
     _LOGGER.info("live hot path: reading %s from %s, deciding from %s; decisions to %s, dead letters to %s",
                     ", ".join(sorted({t for t, _ in starts})), _fmt(starts), _fmt(decide_from), decisions_topic,
                     dead_topic)
@@ -184,11 +194,28 @@ def stream(options: PipelineOptions) -> dict:
   finally:
     if timer is not None:
       timer.cancel()
+    if live_metrics is not None:
+      live_metrics.stop()
   summary = {"stopped_by": stopped_by, "wall_seconds": round(time.monotonic() - began, 3),
              "committed": {}}
+  if live_metrics is not None:
+    summary["in_process_latency"] = latency_summary(live_metrics.in_process)
   for topic in filter(None, (options.view_as(KafkaOptions).topic, labels)):
     summary["committed"][topic] = {str(p): o for p, o in sorted(committed_offsets(config, topic).items())}
   return summary
+
+
+def _serve_metrics(decide: DecideLive, options):
+  """The hot path's metrics, serving on ``--metrics_port`` if given, started before the run.
+
+  The FnApiRunner runs the DoFn in this process, so it records into this very
+  object; the summary reads its in-process latency histogram at the end.
+  """
+  port = options.view_as(MetricsOptions).metrics_port
+  try:
+    return decide.live_metrics()
+  except OSError as e:
+    raise ConfigError(f"--metrics_port {port}: cannot serve metrics there: {e.strerror or e}") from None
 
 
 def _fmt(offsets: Dict) -> str:

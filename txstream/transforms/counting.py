@@ -12,12 +12,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
+from txstream import progress
 from txstream.core import contracts
 
 
 def inc(name: str, n: int = 1) -> None:
+  """Counts ``n`` in Beam's metrics and in this process's progress tally (read while an in-process run runs)."""
   if n:
     Metrics.counter(contracts.NAMESPACE, name).inc(n)
+    progress.record(name, n)
 
 
 def dead_letters(table: pa.Table, prefix: str = "dead_letter") -> None:

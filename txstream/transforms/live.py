@@ -23,6 +23,13 @@ only once the whole fused stage, every sink included, has finished the
 bundle, so a committed offset never runs ahead of what the tiers hold. A
 crash replays from the last commit: decisions are at least once, and the
 tiers, keyed on the transaction id, absorb the repeats.
+
+Metrics: besides Beam's counters, the stage records into a
+``txstream.metrics.LiveMetrics`` shared per process (``apache_beam.utils.shared``),
+which ``txstream stream --metrics_port`` serves to Prometheus while it runs:
+records in, decisions, dead letters, produce -> decision latency, consumer
+lag (asked of the broker every ``LAG_INTERVAL_S``, between bundles) and the
+model deciding now.
 """
 import functools
 import logging
@@ -35,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -43,6 +51,7 @@ from txstream.core import features as engine
 from txstream.core import rules as rules_lib
 from txstream.core.batch import DeadLetterBatch, DecisionBatch, FeaturedBatch, RawBatch
 from txstream.io.kafka_read import parse_source
+from txstream.metrics import LiveMetrics
 from txstream.models import artifacts
 from txstream.transforms import counting
 from txstream.transforms.enrich import load_reference
@@ -51,6 +60,7 @@ from txstream.transforms.validate import decoder
 
 _LOGGER = logging.getLogger(__name__)
 DEAD = "dead_letters"
+LAG_INTERVAL_S = 5.0  # how often the consumer lag gauge asks the broker for end offsets
 
 
 class LiveResult(NamedTuple):
@@ -83,13 +93,13 @@ class _Progress:
   it includes the producer's linger and the broker) and in-process (from the
   moment the record's batch reached this stage to the decision).
   """
-  def __init__(self, interval_s: float):
+  def __init__(self, interval_s: float, in_process: LatencyHistogram):
     self._interval_s = interval_s
     self._latencies: List[np.ndarray] = []
     self._decided = 0
     self._replayed = 0
     self._since = time.monotonic()
-    self.in_process = LatencyHistogram()
+    self.in_process = in_process
 
   def replayed(self, n: int):
     self._replayed += n
@@ -148,8 +158,12 @@ class _DecideLiveFn(beam.DoFn):
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str],
                rules_path: Optional[str], registry_url: Optional[str], delay_days: int,
                progress_interval_s: float, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
-               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
+               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0,
+               metrics: Optional[shared.Shared] = None, metrics_port: Optional[int] = None):
     self._config = config
+    self._metrics_handle = metrics
+    self._metrics_port = metrics_port
+    self._read_from = dict(read_from or decide_from)
     self._model_watch_pattern = model_watch_pattern
     self._model_check_s = model_check_s
     # Partitions with history to replay before their first decision.
@@ -180,7 +194,13 @@ class _DecideLiveFn(beam.DoFn):
     self._features = engine.FeatureEngine(self._delay_days)
     # No config: nothing to commit to (tests that feed records without a broker).
     self._committer = Consumer(self._config.consumer_config()) if self._config is not None else None
-    self._progress = _Progress(self._progress_interval_s)
+    # Without a handle the metrics are this instance's own, recorded and never served.
+    self._metrics = (self._metrics_handle.acquire(functools.partial(serve_metrics, self._metrics_port))
+                     if self._metrics_handle is not None else serve_metrics(None))
+    self._metrics.model(self._model.version, self._rules.version)
+    self._progress = _Progress(self._progress_interval_s, self._metrics.in_process)
+    self._positions = dict(self._read_from)  # (topic, partition) -> next offset to handle
+    self._lag_checked = 0.0
     self._replaying = set(self._replay)
     self._replay_began = time.monotonic()
     if not self._replaying:
@@ -210,6 +230,7 @@ class _DecideLiveFn(beam.DoFn):
       _LOGGER.warning("live: not switching to %s: %s", newest.path, e)
       return
     previous, self._model, self._model_path = self._model.version, model, newest.path
+    self._metrics.model(model.version, self._rules.version)
     _LOGGER.info("live: model %s loaded from %s (was %s)", model.version, newest.path, previous)
 
   def teardown(self):
@@ -239,8 +260,10 @@ class _DecideLiveFn(beam.DoFn):
     history = np.arange(first, last + 1) < decide_from
     table = table.set_column(table.schema.get_field_index("history"), "history", pa.array(history))
     replayed = int(history.sum())
+    self._positions[(topic, partition)] = last + 1
     if replayed:
       self._progress.replayed(replayed)
+      self._metrics.history.inc(replayed)
       if last + 1 >= decide_from and (topic, partition) in self._replaying:
         self._replaying.discard((topic, partition))
         if not self._replaying:
@@ -249,8 +272,10 @@ class _DecideLiveFn(beam.DoFn):
       self._offsets[(topic, partition)] = last + 1  # never a replayed one: it would move the group back
     is_label = topic == self._labels_topic
     counting.inc("labels_in" if is_label else "events_in", table.num_rows - replayed)
+    (self._metrics.labels_in if is_label else self._metrics.events_in).inc(table.num_rows - replayed)
     dead = self._labels_batch(table) if is_label else self._transactions_batch(table, fetched_ms)
     if dead.num_rows:
+      self._metrics.count_dead_letters(dead, labels=is_label)
       yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead))
     # Decided at once: a fetch is already a batch (a few records at a trickle, thousands under load), and
     # waiting for more would add the reader's next poll to every decision's latency.
@@ -260,12 +285,14 @@ class _DecideLiveFn(beam.DoFn):
     """Decodes, enriches and features a batch; queues its own rows for the model; returns its dead letters."""
     tx, decode_dead = decode.decode_transactions(raw, self._transactions)
     counting.inc("decode_valid", tx.num_rows)
+    self._metrics.decode_valid.inc(tx.num_rows)
     tx, enrich_dead = enrich.enrich(tx, self._reference)
     counting.dead_letters(decode_dead)
     counting.dead_letters(enrich_dead)
     features = self._features.update(tx)
     duplicates, conflicts = engine.repeats(tx, features.outcome)
     count_repeats(duplicates, conflicts)
+    self._metrics.filtered.labels(contracts.DUPLICATE).inc(duplicates.num_rows)
     dead = pa.concat_tables([decode_dead, enrich_dead, conflicts])
     featured = features.featured
     own = featured.filter(pa.compute.invert(featured.column("history")))
@@ -292,12 +319,14 @@ class _DecideLiveFn(beam.DoFn):
     latencies = np.maximum(0, decided_at - produced)
     for latency in latencies.tolist():
       self._latency.update(latency)
+    self._metrics.count_decisions(decisions, latencies)
     self._progress.decided(latencies, np.maximum(0, decided_at - fetched))
     self._progress.tick()
     yield DecisionBatch(decisions)
 
   def finish_bundle(self):
     self._watch_model()
+    self._update_lag()
     for batch in self._decide():
       times = batch.table.column("event_time_ms").to_numpy()
       yield WindowedValue(batch, Timestamp(micros=int(times.min()) * 1000), [GlobalWindow()])
@@ -311,9 +340,33 @@ class _DecideLiveFn(beam.DoFn):
       self._committer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
                              asynchronous=False)
       self._committed.inc()
+      self._metrics.offset_commits.inc()
     except KafkaException as e:
       # The next bundle commits further offsets; until then a restart only re-decides a little more.
       _LOGGER.warning("committing offsets %s failed: %s", dict(offsets), e)
+
+  def _update_lag(self) -> None:
+    """Consumer lag per partition (end offset - next offset handled), every ``LAG_INTERVAL_S`` at most."""
+    # Unshared metrics are never read: no broker round trips for them.
+    if (self._metrics_handle is None or self._committer is None
+        or time.monotonic() - self._lag_checked < LAG_INTERVAL_S):
+      return
+    from confluent_kafka import KafkaException, TopicPartition
+    self._lag_checked = time.monotonic()
+    for (topic, partition), position in sorted(self._positions.items()):
+      try:
+        _, end = self._committer.get_watermark_offsets(TopicPartition(topic, partition), timeout=1.0)
+      except KafkaException as e:
+        # A gap in the gauge, not a failed bundle: the next check asks again.
+        _LOGGER.debug("end offset of %s/%d: %s", topic, partition, e)
+        continue
+      self._metrics.set_lag(topic, partition, end - position)
+
+
+def serve_metrics(port: Optional[int]) -> LiveMetrics:
+  """This process's live metrics, with the in-process latency histogram; served on ``port`` unless None."""
+  live = LiveMetrics(in_process=LatencyHistogram())
+  return live.serve(port) if port is not None else live
 
 
 def _produced_ms(raw: pa.Table, sources) -> np.ndarray:
@@ -336,23 +389,43 @@ class DecideLive(beam.PTransform[beam.PCollection[RawBatch], LiveResult]):
   rebuild feature state. ``read_from``: where the read starts, so the replay's
   end can be logged ("feature history replayed"). Fails at construction on a
   missing or corrupt model, rules or reference file, like the graph's own stages.
+  ``metrics_port``: serve Prometheus metrics (``txstream.metrics.LiveMetrics``)
+  on this port from the worker process; ``with_metrics``: record them without
+  serving (tests).
   """
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str] = None,
                rules_path: Optional[str] = None, registry_url: Optional[str] = None, delay_days: int = 7,
                progress_interval_s: float = 10.0, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
-               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0):
+               model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0,
+               metrics_port: Optional[int] = None, with_metrics: bool = False):
     super().__init__()
+    if metrics_port is not None and not 0 < metrics_port < 65536:
+      raise ValueError(f"metrics_port {metrics_port}: not a TCP port")
+    self._metrics_port = metrics_port
+    # One LiveMetrics per process, shared by the DoFn and by ``live_metrics()`` in the same process.
+    self._metrics = shared.Shared() if with_metrics or metrics_port is not None else None
     self._meta = artifacts.load_metadata(model_dir, contracts.FEATURE_NAMES)
     rules_lib.load_rules(rules_path)
     load_reference(reference_dir)
     self._fn = _DecideLiveFn(config, transactions_topic, labels_topic, decide_from, reference_dir, model_dir,
                              rules_path, registry_url, delay_days, progress_interval_s, read_from,
-                             model_watch_pattern, model_check_s)
+                             model_watch_pattern, model_check_s, self._metrics, metrics_port)
 
   @property
   def model_version(self) -> str:
     return self._meta["version"]
+
+  def live_metrics(self) -> Optional[LiveMetrics]:
+    """This process's ``LiveMetrics`` (started, and serving on ``metrics_port``, on first call); None without.
+
+    The DoFn records into the same object when the runner runs it in this
+    process, as the FnApiRunner does; hold the reference for the run (the
+    object lives while someone does).
+    """
+    if self._metrics is None:
+      return None
+    return self._metrics.acquire(functools.partial(serve_metrics, self._metrics_port))
 
   def expand(self, batches):
     out = batches | "Decide" >> beam.ParDo(self._fn).with_output_types(

@@ -38,7 +38,7 @@ class ReadResult(NamedTuple):
 class _ReadFramesFn(beam.DoFn):
   def __init__(self, stream: str, batch_records: int):
     self._batch_records = batch_records
-    self._records = Metrics.counter(contracts.NAMESPACE, f"{stream}_in")
+    self._records = f"{stream}_in"
     self._dead = "dead_letter" if stream == "events" else "label_dead_letter"
     self._schema_ids = ()
 
@@ -51,12 +51,12 @@ class _ReadFramesFn(beam.DoFn):
     with readable.open(compression_type=beam.io.filesystem.CompressionTypes.UNCOMPRESSED) as f:
       for item in wire.read_frame_segments(f, self._schema_ids, self._batch_records):
         if isinstance(item, wire.Damage):
-          self._records.inc()
+          counting.inc(self._records)
           Metrics.counter(contracts.NAMESPACE, f"{self._dead}.{contracts.READ}.{item.reason}").inc()
           yield beam.pvalue.TaggedOutput(DEAD, DeadLetterBatch(dead_letters.of_errors(
               [f"{name}#{item.index}"], [item.raw], contracts.READ, [item.error()])))
         else:
-          self._records.inc(len(item.values))
+          counting.inc(self._records, len(item.values))
           yield RawBatch(item.raw(name))
 
 
