@@ -27,6 +27,7 @@ REQUIRED = [
     "vl-convert-python>=1.9,<2",  # reconcile's report.html: Altair charts rendered to inline SVG, no network
     "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
     "prometheus-client>=0.20,<1",  # txstream.metrics: the run's textfile, the live run's /metrics
+    "openlineage-python>=1.54,<2",  # txstream.lineage: OpenLineage run events built and validated by the client
 ]
 
 EXTRAS = {

@@ -35,6 +35,7 @@ def _all_option_classes():
   import txstream.io.kafka_config  # pylint: disable=unused-import
   import txstream.pipelines.rerun  # pylint: disable=unused-import
   import txstream.metrics  # pylint: disable=unused-import
+  import txstream.lineage  # pylint: disable=unused-import
   seen, stack = {}, list(PipelineOptions.__subclasses__())
   while stack:
     cls = stack.pop()
@@ -221,6 +222,7 @@ def _run_help(command: str = "run"):
   """Help for the Beam-style commands, by concern; their flags are parsed by Beam, not by this parser."""
   import txstream.config.options as o
   from txstream.io.kafka_config import KafkaOptions
+  from txstream.lineage import LineageOptions
   from txstream.metrics import MetricsOptions
   from txstream.pipelines.rerun import RerunOptions
 
@@ -238,7 +240,7 @@ def _run_help(command: str = "run"):
             "Features": o.FeatureOptions._add_argparse_args, "Scoring": o.ScoreOptions._add_argparse_args,
             "Tiers": o.TierOptions._add_argparse_args, "Run": run_flags,
             "Rerun": RerunOptions._add_argparse_args, "Live": o.LiveOptions._add_argparse_args,
-            "Metrics": MetricsOptions._add_argparse_args}
+            "Metrics": MetricsOptions._add_argparse_args, "Lineage": LineageOptions._add_argparse_args}
   if command == "rerun":
     description = ("Decide the event-time window [--from, --to) again: every transaction before --from is read "
                    "as feature state only, so each one in the window gets the features the original run gave it. "
@@ -246,7 +248,7 @@ def _run_help(command: str = "run"):
                    "reference data default to the original's, checked unchanged. Writes to the rerun's namespace "
                    "(<cold_path>/reruns/<id>/, PostgreSQL schema rerun_<id>; no hot or analytics tier) unless "
                    "--promote. Progress goes to stderr, the summary JSON to stdout.")
-    titles, epilog = ("Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics"), _RERUN_EXAMPLES
+    titles, epilog = ("Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage"), _RERUN_EXAMPLES
   elif command == "stream":
     description = ("Run the graph live from Kafka: on the DirectRunner the live hot path (one fused stage, "
                    "feature state in the worker, offsets committed after the tiers), on --runner FlinkRunner/"
@@ -256,7 +258,7 @@ def _run_help(command: str = "run"):
     description = ("Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
                    "Progress (events read, decisions, events/s, time left) goes to stderr, the summary JSON to "
                    "stdout.")
-    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics"), _RUN_EXAMPLES
+    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage"), _RUN_EXAMPLES
   parser = argparse.ArgumentParser(prog=f"txstream {command}", usage="%(prog)s [FLAG ...] [BEAM FLAG ...]",
                                    description=textwrap.fill(description, 100), epilog=epilog,
                                    formatter_class=_HelpFormatter)

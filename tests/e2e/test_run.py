@@ -45,10 +45,16 @@ def _dead_letters(out_dir):
   return letters
 
 
-def test_metrics_file_holds_the_run_figures(corrupted_input, tmp_path):
+def test_metrics_file_and_lineage_events_hold_the_run_figures(corrupted_input, tmp_path):
   from prometheus_client.parser import text_string_to_metric_families
   summary = run.run([f"--input={corrupted_input}", f"--cold_path={tmp_path}/cold", f"--dead_letter_path={tmp_path}/d",
-                     f"--metrics_file={tmp_path}/m/txstream.prom"])
+                     f"--metrics_file={tmp_path}/m/txstream.prom", f"--openlineage_file={tmp_path}/lineage.jsonl"])
+  with open(tmp_path / "lineage.jsonl", encoding="utf-8") as f:
+    events = [json.loads(line) for line in f]
+  assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+  assert events[0]["run"]["runId"] == events[1]["run"]["runId"] == summary["run_id"]
+  cold = [o for o in events[1]["outputs"] if o["name"].endswith("cold/decisions")]
+  assert cold[0]["outputFacets"]["outputStatistics"]["rowCount"] == summary["tiers"]["cold"]
   assert summary["metrics_file"] == f"{tmp_path}/m/txstream.prom"
   with open(summary["metrics_file"], encoding="utf-8") as f:
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -223,8 +223,8 @@ def test_version(capsys):
 
 
 _GROUPS = {
-    "run": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Beam runner"],
-    "rerun": ["Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Beam runner"],
+    "run": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage", "Beam runner"],
+    "rerun": ["Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage", "Beam runner"],
     "stream": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Metrics", "Beam runner"],
 }
 

@@ -20,7 +20,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import txstream
-from txstream import metrics
+from txstream import lineage, metrics
 from txstream import progress
 from txstream.config.options import LiveOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.core import contracts
@@ -264,6 +264,7 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   runs_dsn = runs_dsn or options.view_as(TierOptions).postgres_dsn
   manifest = _start_manifest(options, run_id, kind, outputs, window, manifest_extra or {})
   _record_manifest(runs_dsn, cold_path, manifest, first=True)
+  lineage.emit_run_event("START", manifest, options)
   try:
     summary = _execute(options, pipeline, runner, outputs, run_id, cold_path, start,
                        progress.expected_events(manifest["inputs"]))
@@ -274,6 +275,7 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
       _record_manifest(runs_dsn, cold_path, manifest)
     except Exception:  # pylint: disable=broad-except
       _LOGGER.exception("could not record the failed run %s", run_id)
+    lineage.emit_run_event("FAIL", manifest, options)
     raise
   summary["kind"] = kind
   if window:
@@ -281,6 +283,7 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   summary.update({k: manifest[k] for k in ("rerun_of", "namespace") if k in manifest})
   manifest.update(status="succeeded", summary=summary, finished_at=manifest_lib.utc_iso(int(time.time() * 1000)))
   _record_manifest(runs_dsn, cold_path, manifest)
+  lineage.emit_run_event("COMPLETE", manifest, options)
   if cold_path:
     summary["manifest"] = manifest_lib.path_for(cold_path, run_id)
   path = options.view_as(RunOptions).summary_json
