@@ -166,13 +166,21 @@ def test_local_runners_get_what_the_services_step_installed(tmp_path, monkeypatc
   assert portable.view_as(PortableOptions).environment_type == "LOOPBACK"
 
 
+@pytest.fixture(name="tiny_input", scope="module")
+def _tiny_input(tmp_path_factory):
+  from txstream.pipelines import generate
+  data = str(tmp_path_factory.mktemp("tiny"))
+  generate.generate(data, customers=20, terminals=40, days=2, start=generate.datetime.date(2018, 4, 1), seed=1)
+  return data
+
+
 @pytest.mark.parametrize("flag", [
     "--postgres_dsn=host=127.0.0.1 user=postgres password=S3cret-pw dbnme=x",
     "--redis_url=redis://:S3cret-pw@127.0.0.1:6379/x9",
     "--clickhouse_url=clickhouse://default:S3cret-pw@127.0.0.1:9000/bad-name",
 ])
-def test_a_malformed_dsn_or_url_is_one_line_without_its_password(tmp_path, capsys, flag):
-  assert cli.main(["run", "--input=data/sample", f"--cold_path={tmp_path}/cold", flag]) == 2
+def test_a_malformed_dsn_or_url_is_one_line_without_its_password(tiny_input, tmp_path, capsys, flag):
+  assert cli.main(["run", f"--input={tiny_input}", f"--cold_path={tmp_path}/cold", flag]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("txstream: error: ") and "***" in err
   assert "S3cret-pw" not in err
@@ -193,7 +201,7 @@ def test_log_lines_never_carry_a_password():
   assert "S3cret" not in out.getvalue() and out.getvalue().count("***") == 2
 
 
-def test_a_run_that_fails_once_started_is_one_line_with_the_cause(monkeypatch, tmp_path, capsys):
+def test_a_run_that_fails_once_started_is_one_line_with_the_cause(tiny_input, monkeypatch, tmp_path, capsys):
   from txstream.pipelines import run as run_lib
 
   def failing(options):
@@ -204,7 +212,7 @@ def test_a_run_that_fails_once_started_is_one_line_with_the_cause(monkeypatch, t
                          "psycopg2.OperationalError: could not connect password=S3cret") from cause
 
   monkeypatch.setattr(run_lib, "run", lambda options: failing(options))
-  assert cli.main(["run", "--input=data/sample", f"--cold_path={tmp_path}/cold"]) == 1
+  assert cli.main(["run", f"--input={tiny_input}", f"--cold_path={tmp_path}/cold"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("txstream: error: the run failed: server closed the connection")
   path = err.split("full traceback: ")[1].split(")")[0]
