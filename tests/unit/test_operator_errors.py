@@ -269,3 +269,13 @@ def test_clickhouse_driver_warnings_are_one_line(caplog):
                                                                 exc_info=True)
   assert caplog.text.count("\n") == 1 and "Traceback" not in caplog.text
   assert caplog.records[0].getMessage() == "Failed to connect to h:9000: [Errno 111] Connection refused"
+
+
+def test_stream_checks_its_reference_data_too(capsys, data):
+  # `txstream stream` fails on empty reference data before it connects to anything (no broker is needed).
+  path = data / "reference" / "terminals.avro"
+  _rewrite(path, edit_records=lambda records: [])
+  assert cli.main(["stream", "--topic=t", "--bootstrap_servers=127.0.0.1:1", f"--reference_dir={data}/reference",
+                   "--duration_s=1"]) == 2
+  assert capsys.readouterr().err == (
+      f"txstream: error: reference file {path} has no records: every transaction would be a dead letter\n")

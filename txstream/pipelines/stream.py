@@ -31,7 +31,7 @@ from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import committed_offsets, resolve_ranges
 from txstream.io.kafka_read import ReadPartitionsLive
 from txstream.metrics import MetricsOptions, latency_summary
-from txstream.pipelines.run import ConfigError
+from txstream.pipelines.run import ConfigError, check_reference
 from txstream.runners.profiles import runner_for
 from txstream.transforms.live import DecideLive
 from txstream.transforms.tiers import (TierConfig, WriteDeadLettersToKafka, WriteDecisionsToKafka, WriteTiers)
@@ -83,6 +83,7 @@ def check_config(options) -> KafkaConfig:
   port = options.view_as(MetricsOptions).metrics_port
   if port is not None and not 0 < port < 65536:
     raise ConfigError(f"--metrics_port {port}: not a TCP port (1-65535)")
+  check_reference(options, src.reference_dir)  # empty, duplicated or malformed: one line, before any read
   try:
     return KafkaConfig.from_options(options)
   except ValueError as e:
