@@ -5,6 +5,7 @@ a bad copy would, then checks the frames read back, the damages (index, bytes,
 reason) and the record numbering, whole and through a stream that hands out a
 few hundred bytes per read (so every refill path runs).
 """
+import hashlib
 import io
 
 import apache_beam as beam
@@ -14,6 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests import helpers as h
+from txstream.io.schema_registry import FileSchemaRegistry
 from txstream.io import wire
 from txstream.pipelines import generate, manifest, run
 from txstream.transforms.read import ReadTransactions
@@ -84,7 +86,9 @@ def _expect(frames, damages, messages, before, damaged, after, first_after):
 def _record_count(tmp_path, data: bytes) -> dict:
   path = tmp_path / "x.wire"
   path.write_bytes(data)
-  return manifest._frame_count(str(path))
+  scanned = manifest._scan(str(path), [e["id"] for e in FileSchemaRegistry().entries()])
+  assert scanned["bytes"] == len(data) and scanned["sha256"] == hashlib.sha256(data).hexdigest()
+  return {k: v for k, v in scanned.items() if k in ("records", "damaged")}
 
 
 def test_a_clean_file_reads_as_before(messages):

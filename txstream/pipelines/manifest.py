@@ -70,31 +70,42 @@ def schema_fingerprints() -> list:
           for e in registry.entries()]
 
 
-def _frame_count(path: str) -> dict:
-  """``{"records": [0, n)}`` of a framed file, numbered as the reader numbers them (a damaged stretch is one record).
+class _Hashing:
+  """A binary stream that hashes what is read through it: one pass gives a file's records and its SHA-256."""
+  def __init__(self, stream):
+    self._stream, self.digest = stream, hashlib.sha256()
 
-  ``damaged`` lists each stretch of broken framing: its record index, byte offset and reason.
-  """
-  ids = [e["id"] for e in FileSchemaRegistry().entries()]
+  def read(self, n: int = -1) -> bytes:
+    data = self._stream.read(n)
+    self.digest.update(data)
+    return data
+
+
+def _scan(path: str, schema_ids: list) -> dict:
+  """Size, SHA-256 and ``records`` ``[0, n)`` of a framed file, numbered as the reader numbers them (a
+  damaged stretch is one record); ``damaged`` lists each stretch of broken framing (record index, byte offset,
+  reason). The file is read once."""
   n, damaged = 0, []
   with open(path, "rb") as f:
-    for item in wire.read_frame_segments(f, ids, 100_000):
+    hashing = _Hashing(f)
+    for item in wire.read_frame_segments(hashing, schema_ids, 100_000):
       if isinstance(item, wire.Damage):
         damaged.append({"index": item.index, "offset": item.offset, "reason": item.reason})
         n += 1
       else:
         n += len(item.values)
-  return {"records": [0, n], **({"damaged": damaged} if damaged else {})}
+    while hashing.read(_HASH_CHUNK):
+      pass  # whatever the reader left unread still counts in the hash
+  return {"bytes": os.path.getsize(path), "sha256": hashing.digest.hexdigest(), "records": [0, n],
+          **({"damaged": damaged} if damaged else {})}
 
 
 def file_inputs(input_dir: str) -> list:
   """Every transaction and label file of a generated input directory, with size, hash and record range."""
-  out = []
-  for stream in ("transactions", "labels"):
-    for path in sorted(glob.glob(os.path.join(input_dir, stream, "*.wire"))):
-      out.append({"stream": stream, "path": os.path.abspath(path), "bytes": os.path.getsize(path),
-                  "sha256": _sha256_file(path), **_frame_count(path)})
-  return out
+  ids = [e["id"] for e in FileSchemaRegistry().entries()]
+  return [{"stream": stream, "path": os.path.abspath(path), **_scan(path, ids)}
+          for stream in ("transactions", "labels")
+          for path in sorted(glob.glob(os.path.join(input_dir, stream, "*.wire")))]
 
 
 def kafka_inputs(topic: str, ranges, labels_topic: Optional[str] = None, label_ranges=None) -> list:
