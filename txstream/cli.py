@@ -2,7 +2,8 @@
 
 Configuration mistakes (a bad flag, a missing input, an invalid rules or model
 file, an unreachable server) print one line, ``txstream: error: ...``, and
-exit with status 2; no traceback. ``run`` accepts every standard Beam flag
+exit with status 2; no traceback. A run whose data-quality suites fail exits
+with status 3 (its decisions are written; ``--dq_fail_ok`` exits 0). ``run`` accepts every standard Beam flag
 (``--runner``, ``--direct_num_workers``, ...) alongside its own.
 """
 import argparse
@@ -168,7 +169,9 @@ examples:
     --clickhouse_url=clickhouse://127.0.0.1:9000/txstream \\
     --cold_path=s3://decisions/cold --s3_endpoint_url=http://127.0.0.1:9000
   # on Prism, Beam's local portable runner (`txstream services up prism`)
-  txstream run --input data/sample --runner=PrismRunner"""
+  txstream run --input data/sample --runner=PrismRunner
+  # data quality with your own thresholds; a failed suite exits 3 unless --dq_fail_ok
+  txstream run --input data/sample --dq_config my-quality.yaml --dq_docs_dir out/data_docs"""
 
 _RERUN_EXAMPLES = """\
 examples:
@@ -240,7 +243,8 @@ def _run_help(command: str = "run"):
             "Features": o.FeatureOptions._add_argparse_args, "Scoring": o.ScoreOptions._add_argparse_args,
             "Tiers": o.TierOptions._add_argparse_args, "Run": run_flags,
             "Rerun": RerunOptions._add_argparse_args, "Live": o.LiveOptions._add_argparse_args,
-            "Metrics": MetricsOptions._add_argparse_args, "Lineage": LineageOptions._add_argparse_args}
+            "Metrics": MetricsOptions._add_argparse_args, "Lineage": LineageOptions._add_argparse_args,
+            "Data quality": o.QualityOptions._add_argparse_args}
   if command == "rerun":
     description = ("Decide the event-time window [--from, --to) again: every transaction before --from is read "
                    "as feature state only, so each one in the window gets the features the original run gave it. "
@@ -248,17 +252,19 @@ def _run_help(command: str = "run"):
                    "reference data default to the original's, checked unchanged. Writes to the rerun's namespace "
                    "(<cold_path>/reruns/<id>/, PostgreSQL schema rerun_<id>; no hot or analytics tier) unless "
                    "--promote. Progress goes to stderr, the summary JSON to stdout.")
-    titles, epilog = ("Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage"), _RERUN_EXAMPLES
+    titles, epilog = (("Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Data quality", "Metrics", "Lineage"),
+                      _RERUN_EXAMPLES)
   elif command == "stream":
     description = ("Run the graph live from Kafka: on the DirectRunner the live hot path (one fused stage, "
                    "feature state in the worker, offsets committed after the tiers), on --runner FlinkRunner/"
                    "DataflowRunner/PrismRunner the full streaming graph. Stops cleanly on Ctrl-C.")
-    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Metrics"), _STREAM_EXAMPLES
+    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Data quality", "Metrics"), _STREAM_EXAMPLES
   else:
     description = ("Run the whole graph bounded: read, decode and validate, enrich, features, score, write tiers. "
                    "Progress (events read, decisions, events/s, time left) goes to stderr, the summary JSON to "
                    "stdout.")
-    titles, epilog = ("Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage"), _RUN_EXAMPLES
+    titles, epilog = (("Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Data quality", "Metrics", "Lineage"),
+                      _RUN_EXAMPLES)
   parser = argparse.ArgumentParser(prog=f"txstream {command}", usage="%(prog)s [FLAG ...] [BEAM FLAG ...]",
                                    description=textwrap.fill(description, 100), epilog=epilog,
                                    formatter_class=_HelpFormatter)
@@ -365,7 +371,21 @@ def _pipeline_command(argv, execute) -> int:
           "nothing was committed: run the same command again once the cause is fixed", file=sys.stderr)
     return 1
   print(json.dumps(summary, indent=2, sort_keys=True))
-  return 0
+  return _quality_status(summary, options)
+
+
+def _quality_status(summary: dict, options) -> int:
+  """3 when the run's data-quality validation failed (its decisions are written all the same), else 0."""
+  from txstream.config.options import QualityOptions
+  quality = summary.get("data_quality") or {}
+  if quality.get("success", True) or options.view_as(QualityOptions).dq_fail_ok:
+    return 0
+  failed = [f"{s['suite']}: {f.get('column') or f['expectation']}" for s in quality.get("suites", [])
+            for f in s["failed"]]
+  what = quality.get("error") or (", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else ""))
+  print(f"txstream: error: data quality failed ({_redact(what)}); the decisions are written; "
+        f"see {quality.get('docs') or 'the summary'} (--dq_fail_ok to exit 0)", file=sys.stderr)
+  return 3
 
 
 def _root_cause(error: BaseException) -> str:

@@ -11,7 +11,8 @@ Both use the same names, each in a registry of its own (never the global one):
   ``txstream_sink_retries_total{sink}``, ``txstream_sink_failures_total{sink}``,
   ``txstream_sink_rejected_total{sink}``, ``txstream_sink_upserts_total{sink}``,
   ``txstream_sink_moved_total{sink}``                counters
-  ``txstream_sink_write_seconds{sink}``              summary (count, sum), ``txstream_sink_write_max_seconds``
+  ``txstream_sink_write_seconds{sink}``              histogram, ``txstream_sink_write_max_seconds`` (bounded)
+  ``txstream_sink_circuit_opened_total{sink}``       counter, ``txstream_sink_circuit_open{sink}`` gauge (live, 1/0)
   ``txstream_sink_batch_rows{sink}``                 summary (count, sum)
   ``txstream_inference_batches_total``, ``txstream_inference_batch_seconds``,
   ``txstream_model_load_seconds``                    RunInference's (counter, summaries), bounded runs
@@ -19,13 +20,21 @@ Both use the same names, each in a registry of its own (never the global one):
   ``txstream_model_info{model_version,rules_version}`` gauge, 1
   ``txstream_decision_latency_seconds``              histogram, live only: produce -> decision
   ``txstream_consumer_lag_records{topic,partition}`` gauge, live only: end offset - next offset handled
+  ``txstream_dq_success{suite,scope}``               gauge, 1 if the data-quality suite passed, else 0
+  ``txstream_dq_failed_expectations{suite}``,
+  ``txstream_dq_evaluated_expectations{suite}``      gauges, of the last validation (``txstream.quality``)
+  ``txstream_dq_validations_total{suite,result}``    counter, live only: windows validated, passed or failed
 
 A bounded run (``from_run``) turns Beam's counters and distributions into
 these, once, after the run; ``write_textfile`` writes them for node
 exporter's textfile collector. A live run (``LiveMetrics``) updates them from
 the hot path as it goes and serves them over HTTP (``--metrics_port``).
-Beam distributions keep count, sum, min and max only, so a bounded run has
-no percentiles; ``latency_summary`` reads percentiles from the live path's
+Beam distributions keep count, sum, min and max only; for percentiles a
+timed step also bumps one counter per observation, named by the histogram
+bucket it falls in (``bucket_counter``: ``sink.hot.write_ms.le_50``), which
+every runner sums like any counter. ``run_latency`` turns those into the
+summary's p50/p95/p99 (each the upper bound of the bucket it falls in) and
+max; ``latency_summary`` reads percentiles from the live path's
 ``live.LatencyHistogram``.
 """
 import logging
@@ -38,7 +47,7 @@ import pyarrow as pa
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 
 from txstream.core import contracts
 
@@ -46,6 +55,9 @@ _LOGGER = logging.getLogger(__name__)
 PREFIX = "txstream_"
 # Produce -> decision; the alert's 200 ms threshold is a bucket bound, so histogram_quantile is exact there.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0)
+# Bounded runs' timing histograms (bucket counters), in ms: upper bounds, then +Inf.
+BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
+_BUCKET = ".le_"
 
 # Beam counter name (first dotted part) -> (metric, label names) for names of the form
 # ``<prefix>.<label values...>``; the last label takes what is left after the first ones.
@@ -57,7 +69,7 @@ _LABELLED = {
     "tier": ("tier_rows", ("tier",)),
 }
 _SINK_COUNTERS = {"retried": "sink_retries", "failed": "sink_failures", "rejected": "sink_rejected",
-                  "upserts": "sink_upserts", "moved": "sink_moved"}
+                  "upserts": "sink_upserts", "moved": "sink_moved", "circuit_opened": "sink_circuit_opened"}
 _KAFKA_COUNTERS = {"read": "kafka_records_read", "written": "kafka_records_written",
                    "failed": "kafka_records_failed"}
 _PLAIN = {"live.offset_commits": "offset_commits", "enrich_unknown_terminal": "enrich_unknown_terminals",
@@ -77,6 +89,7 @@ _HELP = {
     "sink_rejected": "Records a store rejected (dead letters)",
     "sink_upserts": "Sink upsert statements",
     "sink_moved": "Rows moved to another event day",
+    "sink_circuit_opened": "Times a sink's circuit breaker opened (writes wait out its cool-down)",
     "kafka_records_read": "Kafka records read per topic",
     "kafka_records_written": "Kafka records written per topic",
     "kafka_records_failed": "Kafka records that failed to be written per topic",
@@ -92,7 +105,9 @@ METRIC_NAMES = frozenset(
                           "history_replayed_total", "offset_commits_total", "enrich_unknown_terminals_total",
                           "run_duration_seconds", "model_info", "sink_write_seconds", "sink_write_max_seconds",
                           "sink_batch_rows", "decision_latency_seconds", "consumer_lag_records",
-                          "inference_batches_total", "inference_batch_seconds", "model_load_seconds")]
+                          "inference_batches_total", "inference_batch_seconds", "model_load_seconds",
+                          "sink_circuit_open", "dq_success", "dq_failed_expectations", "dq_evaluated_expectations",
+                          "dq_validations_total")]
     + [PREFIX + m + "_total" for m, _ in _LABELLED.values()]
     + [PREFIX + m + "_total" for m in list(_SINK_COUNTERS.values()) + list(_KAFKA_COUNTERS.values())])
 
@@ -141,6 +156,61 @@ def _merge(a: Optional[dict], b: dict) -> dict:
           "max": max(a["max"], b["max"])}
 
 
+def bucket_counter(prefix: str, value_ms: float) -> str:
+  """The counter to bump for one observation of ``prefix`` (ms): ``<prefix>.le_<bound>`` or ``.le_inf``."""
+  for bound in BUCKETS_MS:
+    if value_ms <= bound:
+      return f"{prefix}{_BUCKET}{bound}"
+  return f"{prefix}{_BUCKET}inf"
+
+
+def histograms(counters: Mapping[str, int]) -> Dict[str, Dict[float, int]]:
+  """``{prefix: {upper bound ms (inf last): count}}`` from the bucket counters among ``counters``."""
+  out: Dict[str, Dict[float, int]] = {}
+  for name, n in counters.items():
+    prefix, found, bound = name.rpartition(_BUCKET)
+    if found and n:
+      out.setdefault(prefix, {})[float(bound)] = out.get(prefix, {}).get(float(bound), 0) + n
+  return out
+
+
+def percentiles(buckets: Mapping[float, int], max_ms: Optional[float] = None) -> dict:
+  """count, p50/p95/p99 (the upper bound of the bucket each falls in, at most ``max_ms``) and max, in ms."""
+  count = sum(buckets.values())
+  out = {"count": count}
+  if not count:
+    return out
+  bounds = sorted(buckets)
+  cumulative = np.cumsum([buckets[b] for b in bounds])
+  for p in (50, 95, 99):
+    bound = bounds[int(np.searchsorted(cumulative, count * p / 100, side="left"))]
+    value = max_ms if bound == float("inf") or (max_ms is not None and max_ms < bound) else bound
+    out[f"p{p}_ms"] = value
+  out["max_ms"] = max_ms
+  return out
+
+
+def run_latency(counters: Mapping[str, int], distributions: Mapping[str, dict]) -> dict:
+  """The summary's ``latency``: per sink (``sink_write_ms``) and for the model (``inference_batch_ms``)."""
+  out: Dict[str, dict] = {}
+  for prefix, buckets in sorted(histograms(counters).items()):
+    top = distributions.get(prefix, {}).get("max")
+    if prefix.startswith("sink.") and prefix.endswith(".write_ms"):
+      out.setdefault("sink_write_ms", {})[prefix[len("sink."):-len(".write_ms")]] = percentiles(buckets, top)
+    elif prefix == "inference.batch_ms":
+      out["inference_batch_ms"] = percentiles(buckets, top)
+  return out
+
+
+def _cumulative_buckets(buckets: Mapping[float, int], count: int) -> list:
+  """Prometheus buckets (cumulative, in seconds, ``+Inf`` = ``count``) from bucket counts in ms."""
+  out, total = [], 0
+  for bound in sorted(b for b in buckets if b != float("inf")):
+    total += buckets[bound]
+    out.append((repr(bound / 1000), total))
+  return out + [("+Inf", count)]
+
+
 class _RunCollector:
   """The families of one finished run; a custom collector, so counters carry no ``_created`` sample."""
 
@@ -174,10 +244,12 @@ class _RunCollector:
                                labels=["model_version", "rules_version"])
       info.add_metric([str(self._summary["model_version"]), str(self._summary.get("rules_version") or "")], 1)
       yield info
+    yield from dq_families(self._summary.get("data_quality"))
 
   def _distribution_families(self) -> Iterable:
-    write = SummaryMetricFamily(PREFIX + "sink_write_seconds", "Sink batch write time, retries included",
-                                labels=["sink"])
+    write = HistogramMetricFamily(PREFIX + "sink_write_seconds", "Sink batch write time, retries included",
+                                  labels=["sink"])
+    buckets = histograms(self._counters)
     write_max = GaugeMetricFamily(PREFIX + "sink_write_max_seconds", "Longest sink batch write of the run",
                                   labels=["sink"])
     rows = SummaryMetricFamily(PREFIX + "sink_batch_rows", "Rows per sink batch write", labels=["sink"])
@@ -187,7 +259,8 @@ class _RunCollector:
     for name, d in sorted(self._distributions.items()):
       if name.startswith("sink.") and name.endswith(".write_ms"):
         sink = name[len("sink."):-len(".write_ms")]
-        write.add_metric([sink], d["count"], d["sum"] / 1000)
+        write.add_metric([sink], _cumulative_buckets(buckets.get(name[:-len(".write_ms")] + ".write_ms", {}),
+                                                     d["count"]), d["sum"] / 1000)
         write_max.add_metric([sink], d["max"] / 1000)
       elif name.startswith("sink.") and name.endswith(".batch_size"):
         rows.add_metric([name[len("sink."):-len(".batch_size")]], d["count"], d["sum"])
@@ -225,6 +298,23 @@ def _counter_metric(name: str) -> Optional[Tuple[str, Tuple[str, ...], Tuple[str
   return None
 
 
+def dq_families(data_quality: Optional[dict]) -> Iterable:
+  """The data-quality gauges of a ``data_quality`` result (see ``txstream.quality``); none if there is none."""
+  if not data_quality or "suites" not in data_quality:
+    return
+  success = GaugeMetricFamily(PREFIX + "dq_success", "1 if the data-quality suite passed, else 0",
+                              labels=["suite", "scope"])
+  failed = GaugeMetricFamily(PREFIX + "dq_failed_expectations", "Failed expectations of the suite's validation",
+                             labels=["suite"])
+  evaluated = GaugeMetricFamily(PREFIX + "dq_evaluated_expectations",
+                                "Expectations evaluated by the suite's validation", labels=["suite"])
+  for suite in data_quality["suites"]:
+    success.add_metric([suite["suite"], suite["scope"]], 1 if suite["success"] else 0)
+    failed.add_metric([suite["suite"]], len(suite["failed"]))
+    evaluated.add_metric([suite["suite"]], suite["evaluated"])
+  yield from (success, failed, evaluated)
+
+
 def from_run(counters: Mapping[str, int], distributions: Mapping[str, dict], summary: dict) -> CollectorRegistry:
   """A registry holding a finished bounded run's metrics (see the module docstring for the names).
 
@@ -259,6 +349,14 @@ def latency_summary(histogram) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ live runs
+
+_CURRENT: Optional["LiveMetrics"] = None
+
+
+def current_live() -> Optional["LiveMetrics"]:
+  """The live metrics the sinks report to (``LiveMetrics.install``), None outside a live run."""
+  return _CURRENT
+
 
 class LiveMetrics:
   """The live hot path's metrics, in a registry of their own; one per worker process.
@@ -295,9 +393,58 @@ class LiveMetrics:
                      ["topic", "partition"], registry=r)
     self.model_info = Gauge(PREFIX + "model_info", "Model and rules versions deciding now",
                             ["model_version", "rules_version"], registry=r)
+    self.tier_rows = Counter(PREFIX + "tier_rows", "Rows written per storage tier", ["tier"], registry=r)
+    self.sink_write = Histogram(PREFIX + "sink_write_seconds", "Sink batch write time, retries included",
+                                ["sink"], buckets=tuple(b / 1000 for b in BUCKETS_MS), registry=r)
+    self.sink_retries = Counter(PREFIX + "sink_retries", "Sink write attempts retried", ["sink"], registry=r)
+    self.circuit_opened = Counter(PREFIX + "sink_circuit_opened", "Times a sink's circuit breaker opened",
+                                  ["sink"], registry=r)
+    self.circuit_open = Gauge(PREFIX + "sink_circuit_open", "1 while the sink's circuit breaker is open, else 0",
+                              ["sink"], registry=r)
+    self.dq_success = Gauge(PREFIX + "dq_success", "1 if the last window's data-quality suite passed, else 0",
+                            ["suite", "scope"], registry=r)
+    self.dq_failed = Gauge(PREFIX + "dq_failed_expectations", "Failed expectations of the last window's validation",
+                           ["suite"], registry=r)
+    self.dq_evaluated = Gauge(PREFIX + "dq_evaluated_expectations",
+                              "Expectations evaluated by the last window's validation", ["suite"], registry=r)
+    self.dq_validations = Counter(PREFIX + "dq_validations", "Data-quality validations of live windows",
+                                  ["suite", "result"], registry=r)
+    self.live_quality = None  # the hot path's quality.live.LiveQuality, when it validates data quality
     self._lock = threading.Lock()
     self._model: Optional[Tuple[str, str]] = None
     self._server = None
+
+  def install(self) -> "LiveMetrics":
+    """Makes this the process's live metrics: the sinks of the fused stage report to it (``current_live``)."""
+    global _CURRENT  # pylint: disable=global-statement
+    _CURRENT = self
+    return self
+
+  def uninstall(self) -> None:
+    global _CURRENT  # pylint: disable=global-statement
+    if _CURRENT is self:
+      _CURRENT = None
+
+  def sink_written(self, sink: str, seconds: float, rows: int) -> None:
+    self.sink_write.labels(sink).observe(seconds)
+    self.tier_rows.labels(sink).inc(rows)
+    self.circuit_open.labels(sink)  # the series exists (0: closed) from the sink's first write on
+
+  def sink_retried(self, sink: str) -> None:
+    self.sink_retries.labels(sink).inc()
+
+  def sink_circuit(self, sink: str, is_open: bool) -> None:
+    if is_open:
+      self.circuit_opened.labels(sink).inc()
+    self.circuit_open.labels(sink).set(1 if is_open else 0)
+
+  def data_quality(self, result: dict) -> None:
+    """A live window's ``data_quality`` (``quality.validate.check``)."""
+    for suite in result.get("suites", []):
+      self.dq_success.labels(suite["suite"], suite["scope"]).set(1 if suite["success"] else 0)
+      self.dq_failed.labels(suite["suite"]).set(len(suite["failed"]))
+      self.dq_evaluated.labels(suite["suite"]).set(suite["evaluated"])
+      self.dq_validations.labels(suite["suite"], "passed" if suite["success"] else "failed").inc()
 
   def serve(self, port: int) -> "LiveMetrics":
     """Serves ``/metrics`` on ``port`` (all interfaces); ``OSError`` if the port is taken."""
@@ -306,6 +453,7 @@ class LiveMetrics:
     return self
 
   def stop(self) -> None:
+    self.uninstall()
     server, self._server = self._server, None
     if server is not None:
       server.shutdown()

@@ -231,9 +231,11 @@ def test_version(capsys):
 
 
 _GROUPS = {
-    "run": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage", "Beam runner"],
-    "rerun": ["Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Metrics", "Lineage", "Beam runner"],
-    "stream": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Metrics", "Beam runner"],
+    "run": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Run", "Data quality", "Metrics", "Lineage",
+            "Beam runner"],
+    "rerun": ["Rerun", "Source", "Features", "Scoring", "Tiers", "Run", "Data quality", "Metrics", "Lineage",
+              "Beam runner"],
+    "stream": ["Source", "Kafka", "Features", "Scoring", "Tiers", "Live", "Data quality", "Metrics", "Beam runner"],
 }
 
 
@@ -254,10 +256,12 @@ def test_help_is_grouped_by_concern_and_lists_every_flag(capsys, command):
   titles = re.findall(r"^(\w[\w ]*):$", out, flags=re.MULTILINE)
   assert titles == ["options"] + _GROUPS[command] + ["examples"]
   assert "Options" not in out  # no class names left as titles
-  own = {"run": (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions),
-         "rerun": (RerunOptions, o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions),
+  own = {"run": (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions,
+                 o.QualityOptions),
+         "rerun": (RerunOptions, o.SourceOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions, o.RunOptions,
+                   o.QualityOptions),
          "stream": (o.SourceOptions, KafkaOptions, o.FeatureOptions, o.ScoreOptions, o.TierOptions,
-                    o.LiveOptions)}[command]
+                    o.LiveOptions, o.QualityOptions)}[command]
   beam = {"--runner", "--direct_num_workers", "--direct_running_mode", "--job_endpoint", "--environment_type",
           "--flink_master", "--s3_endpoint_url", "--s3_access_key_id", "--s3_secret_access_key", "--s3_region_name"}
   kafka = {"--bootstrap_servers"} if command != "rerun" else set()

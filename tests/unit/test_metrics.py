@@ -274,3 +274,43 @@ def test_stream_refuses_a_metrics_port_it_cannot_serve(reference, flags, error):
   options = PipelineOptions(["--bootstrap_servers=127.0.0.1:1", "--topic=tx", f"--reference_dir={reference}"] + flags)
   with pytest.raises(stream.ConfigError, match=error):
     stream.check_config(options)
+
+
+def test_bucket_counters_give_the_run_s_percentiles_and_a_prometheus_histogram():
+  counters = {"events_in": 10}
+  write_ms = [3, 4, 4, 40, 45, 48, 49, 150, 900, 70_000]
+  for ms in write_ms:
+    name = metrics.bucket_counter("sink.warm.write_ms", ms)
+    counters[name] = counters.get(name, 0) + 1
+  assert metrics.bucket_counter("sink.warm.write_ms", 5) == "sink.warm.write_ms.le_5"
+  assert metrics.bucket_counter("sink.warm.write_ms", 70_000) == "sink.warm.write_ms.le_inf"
+  distributions = {"sink.warm.write_ms": {"count": 10, "sum": sum(write_ms), "min": 3, "max": 70_000}}
+  latency = metrics.run_latency(counters, distributions)
+  assert latency == {"sink_write_ms": {"warm": {"count": 10, "p50_ms": 50, "p95_ms": 70_000, "p99_ms": 70_000,
+                                                "max_ms": 70_000}}}
+  registry = metrics.from_run(counters, distributions, {})
+  assert registry.get_sample_value("txstream_sink_write_seconds_bucket", {"sink": "warm", "le": "0.005"}) == 3
+  assert registry.get_sample_value("txstream_sink_write_seconds_bucket", {"sink": "warm", "le": "0.05"}) == 7
+  assert registry.get_sample_value("txstream_sink_write_seconds_bucket", {"sink": "warm", "le": "+Inf"}) == 10
+  assert registry.get_sample_value("txstream_sink_write_seconds_sum", {"sink": "warm"}) == sum(write_ms) / 1000
+
+
+def test_a_percentile_never_exceeds_the_run_s_maximum():
+  assert metrics.percentiles({5.0: 3}, max_ms=4) == {"count": 3, "p50_ms": 4, "p95_ms": 4, "p99_ms": 4, "max_ms": 4}
+  assert metrics.percentiles({}) == {"count": 0}
+
+
+def test_data_quality_results_become_gauges_in_the_textfile():
+  quality = {"suites": [{"suite": "decisions", "scope": "run", "success": True, "evaluated": 40, "failed": []},
+                        {"suite": "window_distribution", "scope": "window", "success": False, "evaluated": 4,
+                         "failed": [{"column": "decline_rate"}]}]}
+  registry = metrics.from_run({}, {}, {"data_quality": quality})
+  assert registry.get_sample_value("txstream_dq_success", {"suite": "decisions", "scope": "run"}) == 1
+  assert registry.get_sample_value("txstream_dq_success", {"suite": "window_distribution", "scope": "window"}) == 0
+  assert registry.get_sample_value("txstream_dq_failed_expectations", {"suite": "window_distribution"}) == 1
+  live = metrics.LiveMetrics()
+  live.data_quality(quality)
+  live.data_quality(quality)
+  assert live.registry.get_sample_value("txstream_dq_validations_total",
+                                        {"suite": "window_distribution", "result": "failed"}) == 2
+  assert live.registry.get_sample_value("txstream_dq_success", {"suite": "decisions", "scope": "run"}) == 1

@@ -369,3 +369,54 @@ def test_configuration_errors_never_show_a_password(make):
   with pytest.raises(SinkConfigError) as info:
     make()
   assert "hunter2" not in str(info.value) and "***" in str(info.value)
+
+
+def test_breaker_reports_opening_and_closing_once_each():
+  t = FakeTime()
+  changes = []
+  breaker = CircuitBreaker(failure_threshold=2, cool_down_s=1.0, clock=t.clock, sleep=t.sleep,
+                           on_change=changes.append)
+  breaker.record_failure()
+  assert changes == []
+  breaker.record_failure()
+  breaker.record_failure()  # a failed half-open trial re-opens: not a second opening
+  assert changes == [True]
+  breaker.record_success()
+  breaker.record_success()
+  assert changes == [True, False]
+
+
+class _OutageFn(_StoreFn):
+  """Fails its first ``failures`` writes with a retryable error, then writes."""
+
+  def __init__(self, failures: int):
+    super().__init__(batch_size=100)
+    self._retry = RetryPolicy(deadline_s=30.0, breaker_failures=2, breaker_cool_down_s=0.01)
+    self.failures = failures
+
+  def is_retryable(self, error):
+    return isinstance(error, ConnectionError)
+
+  def write_batch(self, table):
+    if self.failures:
+      self.failures -= 1
+      raise ConnectionError("server away")
+    return super().write_batch(table)
+
+
+def test_a_live_run_s_metrics_get_sink_writes_retries_and_the_circuit_state():
+  from txstream import metrics
+  live = metrics.LiveMetrics().install()
+  try:
+    fn = _OutageFn(failures=3)
+    written, _ = drive(fn, fx.make_decisions(30))
+    assert written == [30]
+  finally:
+    live.uninstall()
+  assert metrics.current_live() is None
+  value = live.registry.get_sample_value
+  assert value("txstream_sink_retries_total", {"sink": "test"}) == 3
+  assert value("txstream_sink_circuit_opened_total", {"sink": "test"}) == 1
+  assert value("txstream_sink_circuit_open", {"sink": "test"}) == 0  # closed again once the write landed
+  assert value("txstream_tier_rows_total", {"tier": "test"}) == 30
+  assert value("txstream_sink_write_seconds_count", {"sink": "test"}) == 1

@@ -63,6 +63,23 @@ class TierOptions(PipelineOptions):
                              "a rerun then needs the original input.")
 
 
+class QualityOptions(PipelineOptions):
+  """Data quality (``txstream.quality``): the Great Expectations suites every run is validated with."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument("--dq_config", default=None,
+                        help="Data-quality thresholds (YAML; default: the bundled txstream/config/quality.yaml).")
+    parser.add_argument("--dq_fail_ok", action="store_true", default=False,
+                        help="Exit 0 when a data-quality suite fails (default: exit 3; the decisions are written "
+                             "either way).")
+    parser.add_argument("--dq_docs_dir", default=os.path.join(DEFAULT_OUT, "data_docs"),
+                        help="Folder of the data-docs pages: <run_id>.html per run (stream: per live run, "
+                             "rewritten each window) and index.html.")
+    parser.add_argument("--no_dq", action="store_true", default=False,
+                        help="Do not validate data quality (the summary's data_quality says so).")
+
+
 class RunOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):

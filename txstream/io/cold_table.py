@@ -86,6 +86,19 @@ class Staged(NamedTuple):
   event_date: str
 
 
+def staged_rows(root: str, run_id: str, options: Optional[PipelineOptions] = None,
+                columns: Optional[Sequence[str]] = None) -> pa.Table:
+  """The rows a run staged (what its graph decided), before ``commit``; empty if it staged none."""
+  fs, where = filesystem(staging_path(root, run_id), storage_options(options))
+  paths = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
+           if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
+  schema = parquet.COLD_SCHEMA
+  if not paths:
+    return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
+  source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
+  return source.to_table(columns=list(columns) if columns else None, use_threads=False)
+
+
 def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) -> Committed:
   """Publishes the run's staged rows in the table (one version) and removes the staging directory."""
   storage = storage_options(options)

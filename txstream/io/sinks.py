@@ -32,7 +32,9 @@ Metrics, namespace ``txstream`` (``<name>`` is the tier name, e.g. ``hot``):
   ``sink.<name>.retried``      counter, retried attempts
   ``sink.<name>.failed``       counter, batches given up on (the bundle fails)
   ``sink.<name>.rejected``     counter, records the store rejected (dead letters)
-  ``sink.<name>.write_ms``     distribution, wall time per batch including retries
+  ``sink.<name>.write_ms``     distribution, wall time per batch including retries, and
+                               ``sink.<name>.write_ms.le_<bound>`` counters: its histogram (``metrics.bucket_counter``)
+  ``sink.<name>.circuit_opened`` counter, times the circuit breaker opened
   ``sink.<name>.batch_size``   distribution, rows per batch write
 """
 import concurrent.futures
@@ -51,6 +53,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from txstream import metrics as metrics_lib
 from txstream.core import contracts
 from txstream.core.batch import Batch, DeadLetterBatch
 
@@ -109,7 +112,8 @@ class CircuitBreaker:
   CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
   def __init__(self, failure_threshold: int = 5, cool_down_s: float = 2.0,
-               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+               on_change: Optional[Callable[[bool], None]] = None):
     if failure_threshold < 1 or cool_down_s < 0:
       raise ValueError("failure_threshold must be >= 1 and cool_down_s >= 0")
     self._threshold = failure_threshold
@@ -118,6 +122,7 @@ class CircuitBreaker:
     self._sleep = sleep
     self._failures = 0
     self._opened_at: Optional[float] = None
+    self._on_change = on_change  # called with True when the breaker opens, False when it closes again
 
   @property
   def state(self) -> str:
@@ -139,14 +144,20 @@ class CircuitBreaker:
       self._sleep(pause)
 
   def record_success(self) -> None:
+    was_open = self._opened_at is not None
     self._failures = 0
     self._opened_at = None
+    if was_open and self._on_change is not None:
+      self._on_change(False)
 
   def record_failure(self) -> None:
     self._failures += 1
     if self._opened_at is not None or self._failures >= self._threshold:
       # A failed half-open trial re-opens for a full cool-down.
+      opening = self._opened_at is None
       self._opened_at = self._clock()
+      if opening and self._on_change is not None:
+        self._on_change(True)
 
 
 def retry_with_backoff(fn: Callable[[], T], is_retryable: Callable[[BaseException], bool],
@@ -346,7 +357,8 @@ class BatchingWriteFn(beam.DoFn):
   # -- DoFn lifecycle ------------------------------------------------------
   def setup(self):
     self._buffer = BatchBuffer(self._batch_size, self._max_batch_bytes)
-    self._breaker = CircuitBreaker(self._retry.breaker_failures, self._retry.breaker_cool_down_s)
+    self._breaker = CircuitBreaker(self._retry.breaker_failures, self._retry.breaker_cool_down_s,
+                                   on_change=self._breaker_changed)
     self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self._name}")
     # A worker that starts during an outage waits for the server like a write would.
     self._call(lambda: None)
@@ -377,6 +389,15 @@ class BatchingWriteFn(beam.DoFn):
         _LOGGER.debug("closing %s client: %s", self._name, error)
 
   # -- internals -----------------------------------------------------------
+  def _breaker_changed(self, is_open: bool) -> None:
+    if is_open:
+      self.count("circuit_opened")
+      _LOGGER.warning("%s sink: circuit open after %d consecutive failures; writes wait %.1fs before the next try",
+                      self._name, self._retry.breaker_failures, self._retry.breaker_cool_down_s)
+    live = metrics_lib.current_live()
+    if live is not None:
+      live.sink_circuit(self._name, is_open)
+
   def _call(self, fn):
     def attempt():
       if not self._client_open:
@@ -391,6 +412,9 @@ class BatchingWriteFn(beam.DoFn):
 
     def on_retry(n, error, pause):
       self.count("retried")
+      live = metrics_lib.current_live()
+      if live is not None:
+        live.sink_retried(self._name)
       _LOGGER.warning("%s sink: attempt %d failed (%s); retrying in %.2fs", self._name, n, one_line(error), pause)
 
     return retry_with_backoff(attempt, self.is_retryable, self._retry, self._breaker, on_retry)
@@ -428,10 +452,15 @@ class BatchingWriteFn(beam.DoFn):
     yield from self._written(table, refusals, start)
 
   def _written(self, table: pa.Table, refusals: List[Refusal], start: float) -> Iterable:
-    self._write_ms.update(int((time.monotonic() - start) * 1000))
+    seconds = time.monotonic() - start
+    self._write_ms.update(int(seconds * 1000))
+    Metrics.counter(NAMESPACE, metrics_lib.bucket_counter(f"sink.{self._name}.write_ms", seconds * 1000)).inc()
     self._batch_sizes.update(table.num_rows)
     refused = sum(r.rows.num_rows for r in refusals)
     self._rows.inc(table.num_rows - refused)
+    live = metrics_lib.current_live()
+    if live is not None:
+      live.sink_written(self._name, seconds, table.num_rows - refused)
     yield WindowedValue(table.num_rows - refused, _max_timestamp(table), (GlobalWindow(),))
     if refused:
       self._rejected.inc(refused)

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import txstream
 from txstream import lineage, metrics
 from txstream import progress
-from txstream.config.options import LiveOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions
+from txstream.config.options import LiveOptions, QualityOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions
 from txstream.core import contracts
 from txstream.core.enrich import ReferenceDataError
 from txstream.core.rules import load_rules
@@ -33,6 +33,8 @@ from txstream.io.sinks import SinkConfigError
 from txstream.models import artifacts
 from txstream.pipelines import manifest as manifest_lib
 from txstream.pipelines.graph import Sources, build_graph, build_tiers
+from txstream.quality import report as dq_report
+from txstream.quality import validate as dq
 from txstream.runners.profiles import run_context, runner_for
 from txstream.transforms.enrich import load_reference
 from txstream.transforms.tiers import check_writable
@@ -85,6 +87,7 @@ def check_config(options) -> None:
   ``preflight_tiers``'s.
   """
   src = options.view_as(SourceOptions)
+  check_quality(options)
   if options.view_as(ScoreOptions).model_watch_pattern:
     raise ConfigError("--model_watch_pattern needs a streaming run; `txstream run` scores with one model")
   if options.view_as(KafkaOptions).topic:
@@ -109,6 +112,17 @@ def check_config(options) -> None:
   check_scoring_and_runner(options)
   _check_input_files(src.input)
   check_reference(options, src.reference_dir or os.path.join(src.input, "reference"))
+
+
+def check_quality(options) -> Optional[dq.QualityConfig]:
+  """The data-quality thresholds (``--dq_config``), None with ``--no_dq``; ``ConfigError`` if wrong."""
+  flags = options.view_as(QualityOptions)
+  if flags.no_dq:
+    return None
+  try:
+    return dq.QualityConfig.load(flags.dq_config)
+  except dq.QualityConfigError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_scoring_and_runner(options) -> None:
@@ -158,6 +172,9 @@ def _check_outputs(options, config) -> None:
   metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
   if metrics_file:
     check_writable(os.path.dirname(os.path.abspath(metrics_file)), "--metrics_file", options)
+  quality = options.view_as(QualityOptions)
+  if not quality.no_dq:
+    check_writable(quality.dq_docs_dir, "--dq_docs_dir", options)
 
 
 def _make_summary_folder(options) -> None:
@@ -267,7 +284,7 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   lineage.emit_run_event("START", manifest, options)
   try:
     summary = _execute(options, pipeline, runner, outputs, run_id, cold_path, start,
-                       progress.expected_events(manifest["inputs"]))
+                       progress.expected_events(manifest["inputs"]), window, runs_dsn)
   except BaseException as e:
     manifest.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500],
                     finished_at=manifest_lib.utc_iso(int(time.time() * 1000)))
@@ -293,9 +310,53 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   return summary
 
 
+# What the row-level suite reads of the staged decisions.
+_DQ_COLUMNS = ("transaction_id", "amount_minor", "currency", "event_time", "score", "decision", "reason_codes",
+               "model_version") + contracts.FEATURE_COLUMNS
+
+
+def _data_quality(options, config: dq.QualityConfig, run_id: str, cold_path: Optional[str], summary: dict,
+                  window: Optional[Tuple[int, int]], runs_dsn: Optional[str]) -> dict:
+  """Validates the run's decisions (as staged, before the commit) and records the result.
+
+  The result goes into the summary, onto the data-docs page and into
+  PostgreSQL's ``dq_results`` (``runs_dsn``). A failed suite loses nothing:
+  the commit that follows publishes the decisions all the same, and the
+  command exits 3 (``--dq_fail_ok``: 0). A validation that cannot run at all
+  counts as failed, with its error.
+  """
+  flags = options.view_as(QualityOptions)
+  try:
+    rules = load_rules(options.view_as(ScoreOptions).rules)
+    decisions = cold_table.staged_rows(cold_path, run_id, options, _DQ_COLUMNS) if cold_path else None
+    result = dq.check(decisions, summary, config, rules.review_score, rules.decline_score, window)
+    del decisions
+  except Exception as e:  # pylint: disable=broad-except
+    _LOGGER.exception("data quality: the validation failed to run")
+    return {"success": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+  result["docs"] = dq_report.write_page(flags.dq_docs_dir, run_id, result)
+  if runs_dsn:
+    try:
+      dq_report.record(runs_dsn, run_id, result, result["docs"])
+      result["recorded_in"] = "dq_results"
+    except Exception as e:  # pylint: disable=broad-except
+      # The decisions are committed regardless; the run ends as a data-quality failure (exit 3).
+      _LOGGER.exception("data quality: could not record the result in dq_results")
+      result.update(success=False, error=f"not recorded in dq_results: {type(e).__name__}: {e}".splitlines()[0])
+  level = logging.INFO if result["success"] else logging.WARNING
+  _LOGGER.log(level, "data quality: %s, %d expectations evaluated, %d failed in %.2fs; page %s",
+              "passed" if result["success"] else "FAILED", result["evaluated"], result["failed"], result["seconds"],
+              result["docs"])
+  return result
+
+
 def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optional[str], start: float,
-             expected_events: Optional[int] = None) -> dict:
+             expected_events: Optional[int] = None, window: Optional[Tuple[int, int]] = None,
+             runs_dsn: Optional[str] = None) -> dict:
   reporter = progress.ProgressReporter(options.view_as(LiveOptions).progress_interval_s, expected_events)
+  quality = check_quality(options)
+  if quality is not None:
+    dq.preload()  # Great Expectations takes seconds to import: on a thread, while the pipeline runs
   with run_context(runner):
     reporter.start()
     try:
@@ -309,6 +370,10 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
   summary["run_id"] = run_id
   summary["reference_version"] = outputs.reference_version
   summary["rules_version"] = outputs.rules_version
+  values, distributions = metrics.collect(result)
+  summary["latency"] = metrics.run_latency(values, distributions)
+  summary["data_quality"] = (_data_quality(options, quality, run_id, cold_path, summary, window, runs_dsn)
+                             if quality is not None else {"success": True, "skipped": "--no_dq"})
   if cold_path:
     # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
     committed = cold_table.commit(cold_path, run_id, options)
@@ -333,6 +398,6 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
   metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
   if metrics_file:
     os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
-    metrics.write_textfile(metrics_file, metrics.from_run(*metrics.collect(result), summary))
+    metrics.write_textfile(metrics_file, metrics.from_run(values, distributions, summary))
     summary["metrics_file"] = metrics_file
   return summary

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
@@ -31,7 +32,7 @@ from txstream.io.kafka_config import KafkaConfig, KafkaOptions
 from txstream.io.kafka_offsets import committed_offsets, resolve_ranges
 from txstream.io.kafka_read import ReadPartitionsLive
 from txstream.metrics import MetricsOptions, latency_summary
-from txstream.pipelines.run import ConfigError, check_reference
+from txstream.pipelines.run import ConfigError, check_quality, check_reference
 from txstream.runners.profiles import runner_for
 from txstream.transforms.live import DecideLive
 from txstream.transforms.tiers import (TierConfig, WriteDeadLettersToKafka, WriteDecisionsToKafka, WriteTiers)
@@ -84,6 +85,7 @@ def check_config(options) -> KafkaConfig:
   if port is not None and not 0 < port < 65536:
     raise ConfigError(f"--metrics_port {port}: not a TCP port (1-65535)")
   check_reference(options, src.reference_dir)  # empty, duplicated or malformed: one line, before any read
+  check_quality(options)
   try:
     return KafkaConfig.from_options(options)
   except ValueError as e:
@@ -105,6 +107,17 @@ def offsets(config: KafkaConfig, topic: str, start: str, warmup: str) -> Tuple[D
   return {(topic, p): min(a, decide[(topic, p)]) for p, (a, _) in earliest.items()}, decide
 
 
+def _quality_settings(options):
+  """The live run's data-quality settings, None with --no_dq (the thresholds are checked before the run)."""
+  from txstream.config.options import QualityOptions
+  from txstream.quality.live import LiveQualitySettings
+  flags = options.view_as(QualityOptions)
+  if flags.no_dq:
+    return None
+  return LiveQualitySettings(flags.dq_config, options.view_as(TierOptions).postgres_dsn, flags.dq_docs_dir,
+                             f"stream-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+
+
 def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_tiers: WriteTiers):
   """The live hot path; returns (DecideLive, read starts, decide-from offsets)."""
   transactions, labels, decisions_topic, dead_topic = topics(options)
@@ -120,7 +133,8 @@ def build_hot_path(pipeline: beam.Pipeline, options, config: KafkaConfig, write_
   decide = DecideLive(config, transactions, labels, decide_from, src.reference_dir, score.model_dir, score.rules,
                       src.schema_registry_url, options.view_as(FeatureOptions).terminal_delay_days,
                       live.progress_interval_s, read_from=starts, model_watch_pattern=score.model_watch_pattern,
-                      metrics_port=options.view_as(MetricsOptions).metrics_port, with_metrics=True)
+                      metrics_port=options.view_as(MetricsOptions).metrics_port, with_metrics=True,
+                      quality=_quality_settings(options))
   out = (pipeline
          | "ReadKafka" >> ReadPartitionsLive(config, starts, batch_size=live.live_batch_size,
                                              checkpoint_interval_s=live.live_checkpoint_ms / 1000)
@@ -201,6 +215,8 @@ def stream(options: PipelineOptions) -> dict:
              "committed": {}}
   if live_metrics is not None:
     summary["in_process_latency"] = latency_summary(live_metrics.in_process)
+    if live_metrics.live_quality is not None:
+      summary["data_quality"] = live_metrics.live_quality.summary()
   for topic in filter(None, (options.view_as(KafkaOptions).topic, labels)):
     summary["committed"][topic] = {str(p): o for p, o in sorted(committed_offsets(config, topic).items())}
   return summary

@@ -159,8 +159,9 @@ class _DecideLiveFn(beam.DoFn):
                rules_path: Optional[str], registry_url: Optional[str], delay_days: int,
                progress_interval_s: float, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
                model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0,
-               metrics: Optional[shared.Shared] = None, metrics_port: Optional[int] = None):
+               metrics: Optional[shared.Shared] = None, metrics_port: Optional[int] = None, quality=None):
     self._config = config
+    self._quality_settings = quality
     self._metrics_handle = metrics
     self._metrics_port = metrics_port
     self._read_from = dict(read_from or decide_from)
@@ -198,6 +199,12 @@ class _DecideLiveFn(beam.DoFn):
     self._metrics = (self._metrics_handle.acquire(functools.partial(serve_metrics, self._metrics_port))
                      if self._metrics_handle is not None else serve_metrics(None))
     self._metrics.model(self._model.version, self._rules.version)
+    self._quality = None
+    if self._quality_settings is not None:
+      from txstream.quality.live import LiveQuality
+      self._quality = LiveQuality(self._quality_settings, self._rules.review_score, self._rules.decline_score,
+                                  self._metrics)
+      self._metrics.live_quality = self._quality
     self._progress = _Progress(self._progress_interval_s, self._metrics.in_process)
     self._positions = dict(self._read_from)  # (topic, partition) -> next offset to handle
     self._lag_checked = 0.0
@@ -234,6 +241,9 @@ class _DecideLiveFn(beam.DoFn):
     _LOGGER.info("live: model %s loaded from %s (was %s)", model.version, newest.path, previous)
 
   def teardown(self):
+    quality = getattr(self, "_quality", None)
+    if quality is not None:
+      quality.close()
     progress = getattr(self, "_progress", None)
     if progress is not None:
       progress.final()
@@ -309,6 +319,8 @@ class _DecideLiveFn(beam.DoFn):
   def _decide(self):
     if not self._pending.rows:
       self._progress.tick()
+      if self._quality is not None:
+        self._quality.tick()
       return
     featured, produced, fetched = self._pending.take()
     decisions = decide.decide(featured, self._model.predict(decide.feature_matrix(featured)), self._model.version,
@@ -320,6 +332,8 @@ class _DecideLiveFn(beam.DoFn):
     for latency in latencies.tolist():
       self._latency.update(latency)
     self._metrics.count_decisions(decisions, latencies)
+    if self._quality is not None:
+      self._quality.add(decisions)
     self._progress.decided(latencies, np.maximum(0, decided_at - fetched))
     self._progress.tick()
     yield DecisionBatch(decisions)
@@ -365,7 +379,7 @@ class _DecideLiveFn(beam.DoFn):
 
 def serve_metrics(port: Optional[int]) -> LiveMetrics:
   """This process's live metrics, with the in-process latency histogram; served on ``port`` unless None."""
-  live = LiveMetrics(in_process=LatencyHistogram())
+  live = LiveMetrics(in_process=LatencyHistogram()).install()  # the fused stage's sinks report to it
   return live.serve(port) if port is not None else live
 
 
@@ -391,14 +405,15 @@ class DecideLive(beam.PTransform[beam.PCollection[RawBatch], LiveResult]):
   missing or corrupt model, rules or reference file, like the graph's own stages.
   ``metrics_port``: serve Prometheus metrics (``txstream.metrics.LiveMetrics``)
   on this port from the worker process; ``with_metrics``: record them without
-  serving (tests).
+  serving (tests). ``quality``: a ``quality.live.LiveQualitySettings``; each
+  fixed window's decisions are validated off the hot path (None: not at all).
   """
   def __init__(self, config, transactions_topic: str, labels_topic: Optional[str],
                decide_from: Mapping[Tuple[str, int], int], reference_dir: str, model_dir: Optional[str] = None,
                rules_path: Optional[str] = None, registry_url: Optional[str] = None, delay_days: int = 7,
                progress_interval_s: float = 10.0, read_from: Optional[Mapping[Tuple[str, int], int]] = None,
                model_watch_pattern: Optional[str] = None, model_check_s: float = 10.0,
-               metrics_port: Optional[int] = None, with_metrics: bool = False):
+               metrics_port: Optional[int] = None, with_metrics: bool = False, quality=None):
     super().__init__()
     if metrics_port is not None and not 0 < metrics_port < 65536:
       raise ValueError(f"metrics_port {metrics_port}: not a TCP port")
@@ -410,7 +425,7 @@ class DecideLive(beam.PTransform[beam.PCollection[RawBatch], LiveResult]):
     load_reference(reference_dir)
     self._fn = _DecideLiveFn(config, transactions_topic, labels_topic, decide_from, reference_dir, model_dir,
                              rules_path, registry_url, delay_days, progress_interval_s, read_from,
-                             model_watch_pattern, model_check_s, self._metrics, metrics_port)
+                             model_watch_pattern, model_check_s, self._metrics, metrics_port, quality)
 
   @property
   def model_version(self) -> str:
