@@ -172,9 +172,12 @@ def _scrape(port: int) -> dict:
           for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_live_hot_path_serves_its_metrics(reference):
+def test_live_hot_path_serves_its_metrics(reference, tmp_path):
+  from txstream.quality.live import LiveQualitySettings
   port = _free_port()
-  decide = DecideLive(None, "tx", "lb", {("tx", 0): 1, ("lb", 0): 0}, reference, metrics_port=port)
+  quality = LiveQualitySettings(None, None, str(tmp_path / "docs"), "live-test")
+  decide = DecideLive(None, "tx", "lb", {("tx", 0): 1, ("lb", 0): 0}, reference, metrics_port=port,
+                      quality=quality)
   live = decide.live_metrics()  # the endpoint is up before the first record
   try:
     fn = decide._fn  # pylint: disable=protected-access
@@ -206,7 +209,13 @@ def test_live_hot_path_serves_its_metrics(reference):
     rules_version = fn._rules.version  # pylint: disable=protected-access
     assert model == [{"model_version": decide.model_version, "rules_version": rules_version}]
     assert metrics.latency_summary(live.in_process)["count"] == 2
-    fn.teardown()
+    fn.teardown()  # validates the last (here the only) data-quality window
+    scraped = _scrape(port)
+    assert scraped[("txstream_dq_success", (("scope", "window"), ("suite", "decisions")))] == 1
+    assert scraped[("txstream_dq_evaluated_expectations", (("suite", "decisions"),))] == 40
+    assert scraped[("txstream_dq_validations_total", (("result", "passed"), ("suite", "window_distribution")))] == 1
+    assert live.live_quality.summary()["windows_validated"] == 1
+    assert (tmp_path / "docs" / "live-test.html").exists()
   finally:
     live.stop()
 

@@ -368,7 +368,7 @@ def check(decisions: Optional[pa.Table], counts: dict, config: QualityConfig, re
     validation = _validate(DECISIONS, frame, {"amount_minor_max": config.amount_minor_max,
                                               "currencies": list(config.currencies),
                                               "window_from_ms": lo, "window_to_ms": hi})
-    suites.append(_suite_result(DECISIONS, "run", validation, decisions.num_rows))
+    suites.append(_suite_result(DECISIONS, "run" if run_scope else "window", validation, decisions.num_rows))
     del frame
     windows = window_frame(decisions, window_ms, config.min_rows)
     validation = _validate(WINDOW, windows, _parameters(config.window, RATES + ("rows_vs_median",)), "COMPLETE")
@@ -377,7 +377,7 @@ def check(decisions: Optional[pa.Table], counts: dict, config: QualityConfig, re
     result["failed_windows"] = sum(not w["success"] for w in result["windows"])
     suites.append(result)
   else:
-    for name, scope in ((DECISIONS, "run"), (WINDOW, "window")):
+    for name, scope in ((DECISIONS, "run" if run_scope else "window"), (WINDOW, "window")):
       suites.append({"suite": name, "scope": scope, "success": True, "rows": 0, "evaluated": 0, "failed": [],
                      "note": "not evaluated: the run kept no decisions at hand (--no_cold)"})
   if run_scope:
