@@ -152,12 +152,23 @@ def test_volume_drift_and_dead_letters_and_unaccounted_events_fail_the_distribut
 
 
 def test_without_decisions_the_run_suite_still_reads_the_counters(config):
-  result = validate.check(None, {"events_in": 100, "scored": 90, "dead_letter_total": 10, "filtered": 0,
-                                 "decisions": {"approve": 80, "review": 5, "decline": 5}}, config, REVIEW, DECLINE)
+  counts_only = {"events_in": 1100, "scored": 1000, "dead_letter_total": 100, "filtered": 0,
+                 "decisions": {"approve": 800, "review": 100, "decline": 100}}
+  result = validate.check(None, counts_only, config, REVIEW, DECLINE)
   assert [s["evaluated"] for s in result["suites"]] == [0, 0, 5]
   assert failures(result) == {("run_distribution", "expect_column_values_to_be_between", "decline_rate"),
                               ("run_distribution", "expect_column_values_to_be_between", "review_rate"),
                               ("run_distribution", "expect_column_values_to_be_between", "dead_letter_rate")}
+
+
+def test_a_run_too_small_for_its_rates_is_held_to_its_accounting_only(config):
+  table = decisions(days=1, per_day=90, decline_every=10)  # 10% declined, far above the bounds
+  result = validate.check(table, {**counts(table, dead=50), "events_in": 141}, config, REVIEW, DECLINE)
+  assert failures(result) == {("run_distribution", "expect_column_values_to_be_between", "unaccounted")}
+  assert "fewer than run.min_rows (1000)" in result["suites"][2]["note"]
+  big = decisions(days=1, per_day=1000, decline_every=10)
+  assert ("run_distribution", "expect_column_values_to_be_between", "decline_rate") in failures(
+      validate.check(big, counts(big), config, REVIEW, DECLINE))
 
 
 @pytest.mark.parametrize("text,message", [

@@ -73,11 +73,23 @@ class QualityOptions(PipelineOptions):
     parser.add_argument("--dq_fail_ok", action="store_true", default=False,
                         help="Exit 0 when a data-quality suite fails (default: exit 3; the decisions are written "
                              "either way).")
-    parser.add_argument("--dq_docs_dir", default=os.path.join(DEFAULT_OUT, "data_docs"),
+    parser.add_argument("--dq_docs_dir", default=None,
                         help="Folder of the data-docs pages: <run_id>.html per run (stream: per live run, "
-                             "rewritten each window) and index.html.")
+                             "rewritten each window) and index.html (default: data_docs/ beside a local "
+                             "--cold_path, else out/data_docs).")
     parser.add_argument("--no_dq", action="store_true", default=False,
                         help="Do not validate data quality (the summary's data_quality says so).")
+
+
+def dq_docs_dir(options) -> str:
+  """Where the data-docs pages go: ``--dq_docs_dir``, else beside a local cold tier, else ``out/data_docs``."""
+  flag = options.view_as(QualityOptions).dq_docs_dir
+  if flag:
+    return flag
+  tiers = options.view_as(TierOptions)
+  if tiers.cold_path and not tiers.no_cold and "://" not in tiers.cold_path:
+    return os.path.join(os.path.dirname(os.path.abspath(tiers.cold_path)), "data_docs")
+  return os.path.join(DEFAULT_OUT, "data_docs")
 
 
 class RunOptions(PipelineOptions):

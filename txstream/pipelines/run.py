@@ -22,7 +22,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import txstream
 from txstream import lineage, metrics
 from txstream import progress
-from txstream.config.options import LiveOptions, QualityOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions
+from txstream.config.options import (LiveOptions, QualityOptions, RunOptions, ScoreOptions, SourceOptions, TierOptions,
+                                     dq_docs_dir)
 from txstream.core import contracts
 from txstream.core.enrich import ReferenceDataError
 from txstream.core.rules import load_rules
@@ -172,9 +173,8 @@ def _check_outputs(options, config) -> None:
   metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
   if metrics_file:
     check_writable(os.path.dirname(os.path.abspath(metrics_file)), "--metrics_file", options)
-  quality = options.view_as(QualityOptions)
-  if not quality.no_dq:
-    check_writable(quality.dq_docs_dir, "--dq_docs_dir", options)
+  if not options.view_as(QualityOptions).no_dq:
+    check_writable(dq_docs_dir(options), "--dq_docs_dir", options)
 
 
 def _make_summary_folder(options) -> None:
@@ -325,7 +325,6 @@ def _data_quality(options, config: dq.QualityConfig, run_id: str, cold_path: Opt
   command exits 3 (``--dq_fail_ok``: 0). A validation that cannot run at all
   counts as failed, with its error.
   """
-  flags = options.view_as(QualityOptions)
   try:
     rules = load_rules(options.view_as(ScoreOptions).rules)
     decisions = cold_table.staged_rows(cold_path, run_id, options, _DQ_COLUMNS) if cold_path else None
@@ -334,7 +333,7 @@ def _data_quality(options, config: dq.QualityConfig, run_id: str, cold_path: Opt
   except Exception as e:  # pylint: disable=broad-except
     _LOGGER.exception("data quality: the validation failed to run")
     return {"success": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
-  result["docs"] = dq_report.write_page(flags.dq_docs_dir, run_id, result)
+  result["docs"] = dq_report.write_page(dq_docs_dir(options), run_id, result)
   if runs_dsn:
     try:
       dq_report.record(runs_dsn, run_id, result, result["docs"])

@@ -109,12 +109,12 @@ def offsets(config: KafkaConfig, topic: str, start: str, warmup: str) -> Tuple[D
 
 def _quality_settings(options):
   """The live run's data-quality settings, None with --no_dq (the thresholds are checked before the run)."""
-  from txstream.config.options import QualityOptions
+  from txstream.config.options import QualityOptions, dq_docs_dir
   from txstream.quality.live import LiveQualitySettings
   flags = options.view_as(QualityOptions)
   if flags.no_dq:
     return None
-  return LiveQualitySettings(flags.dq_config, options.view_as(TierOptions).postgres_dsn, flags.dq_docs_dir,
+  return LiveQualitySettings(flags.dq_config, options.view_as(TierOptions).postgres_dsn, dq_docs_dir(options),
                              f"stream-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}")
 
 

@@ -40,7 +40,7 @@ DECISIONS, WINDOW, RUN = "decisions", "window_distribution", "run_distribution"
 RATES = ("decline_rate", "review_rate", "mean_score")
 _EXAMPLES = 5  # unexpected values kept per failed expectation
 _CONFIG_KEYS = {"version": None, "decisions": ("amount_minor_max", "currencies"),
-                "window": RATES + ("rows_vs_median", "min_rows"), "run": RATES + ("dead_letter_rate",),
+                "window": RATES + ("rows_vs_median", "min_rows"), "run": RATES + ("dead_letter_rate", "min_rows"),
                 "live_window_s": None}
 _BOUND_KEYS = ("min", "max")
 
@@ -57,6 +57,7 @@ class QualityConfig:
   window: Dict[str, Dict[str, float]]
   run: Dict[str, Dict[str, float]]
   min_rows: int
+  run_min_rows: int
   live_window_s: float
   path: str
 
@@ -88,8 +89,9 @@ class QualityConfig:
                                             "decisions.amount_minor_max")),
                currencies=tuple(currencies),
                window={k: _bounds(v, path, f"window.{k}") for k, v in window.items() if k != "min_rows"},
-               run={k: _bounds(v, path, f"run.{k}") for k, v in run.items()},
+               run={k: _bounds(v, path, f"run.{k}") for k, v in run.items() if k != "min_rows"},
                min_rows=int(_number(window.get("min_rows", 0), path, "window.min_rows")),
+               run_min_rows=int(_number(run.get("min_rows", 0), path, "run.min_rows")),
                live_window_s=_number(spec.get("live_window_s", 60), path, "live_window_s", positive=True),
                path=path)
 
@@ -253,8 +255,13 @@ def window_frame(decisions: pa.Table, window_ms: Optional[int], min_rows: int):
   return windows.to_pandas()
 
 
-def run_frame(decisions: Optional[pa.Table], counts: dict):
-  """One row for the run; ``counts`` = ``events_in``, ``scored``, ``dead_letter_total``, ``filtered``."""
+def run_frame(decisions: Optional[pa.Table], counts: dict, min_rows: int = 0):
+  """One row for the run; ``counts`` = ``events_in``, ``scored``, ``dead_letter_total``, ``filtered``.
+
+  A run of fewer than ``min_rows`` decisions is too small for its rates to
+  mean anything: they are left null (not held to their bounds); the
+  accounting is checked whatever the size.
+  """
   import pandas as pd
   events_in, scored = counts.get("events_in", 0), counts.get("scored", 0)
   row = {"rows": scored, "dead_letter_rate": counts.get("dead_letter_total", 0) / events_in if events_in else 0.0,
@@ -270,6 +277,8 @@ def run_frame(decisions: Optional[pa.Table], counts: dict):
     row["mean_score"] = None
   else:
     row.update(decline_rate=None, review_rate=None, mean_score=None)
+  if scored < min_rows:
+    row.update(decline_rate=None, review_rate=None, mean_score=None, dead_letter_rate=None)
   return pd.DataFrame([row])
 
 
@@ -381,9 +390,11 @@ def check(decisions: Optional[pa.Table], counts: dict, config: QualityConfig, re
       suites.append({"suite": name, "scope": scope, "success": True, "rows": 0, "evaluated": 0, "failed": [],
                      "note": "not evaluated: the run kept no decisions at hand (--no_cold)"})
   if run_scope:
-    validation = _validate(RUN, run_frame(decisions, counts),
+    validation = _validate(RUN, run_frame(decisions, counts, config.run_min_rows),
                            _parameters(config.run, RATES + ("dead_letter_rate",)))
     suites.append(_suite_result(RUN, "run", validation, counts.get("scored", 0)))
+    if counts.get("scored", 0) < config.run_min_rows:
+      suites[-1]["note"] = f"rates not held: fewer than run.min_rows ({config.run_min_rows}) decisions"
   return {"success": all(s["success"] for s in suites), "evaluated": sum(s["evaluated"] for s in suites),
           "failed": sum(len(s["failed"]) for s in suites), "suites": suites, "config": config.path,
           "seconds": round(time.monotonic() - started, 3)}
