@@ -287,7 +287,7 @@ def test_record_run(conn, dsn):
 def test_migrations_are_recorded_once(conn, dsn):
   assert migrations.apply(conn) == []
   assert pg.preflight(dsn) == []
-  assert scalar(conn, "SELECT array_agg(version ORDER BY version) FROM schema_migrations") == ["0001", "0002", "0003"]
+  assert scalar(conn, "SELECT array_agg(version ORDER BY version) FROM schema_migrations") == ["0001", "0002", "0003", "0004"]
 
 
 def test_preflight_errors_are_one_line(endpoint):
