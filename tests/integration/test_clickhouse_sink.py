@@ -7,6 +7,7 @@ from clickhouse_driver import Client
 
 from tests.integration import sink_fixtures as fx
 from tests.tcp_proxy import TcpProxy
+from txstream.io import clickhouse_aggregates
 from txstream.io import clickhouse_queries as queries
 from txstream.io import clickhouse_sink as ch
 from txstream.io.clickhouse_sink import WriteToClickHouse
@@ -212,3 +213,115 @@ def test_outage_mid_write_loses_and_duplicates_nothing(client, endpoint):
   assert queries.count_distinct_transactions(client, database=DB) == 300
   assert client.execute(f"SELECT sum(amount_minor) FROM {DB}.decisions FINAL")[0][0] == sum(
       d["amount_minor"] for d in fx.rows(decisions))
+
+
+# Pre-aggregated tables (txstream.io.clickhouse_aggregates): always compared with decisions FINAL.
+
+def per_minute_from_final(client) -> list:
+  return client.execute(f"""
+    SELECT toUInt64(toStartOfMinute(event_time)) * 1000 AS m, toString(decision) AS d, currency, count(),
+           sum(amount_minor), sumIf(amount_minor, decision != 'approve'), sum(score)
+    FROM {DB}.decisions FINAL GROUP BY m, d, currency ORDER BY m, d, currency""")
+
+
+def per_minute_from_view(client) -> list:
+  return client.execute(f"""
+    SELECT toUInt64(minute) * 1000 AS m, decision, currency, decisions, amount_minor, flagged_amount_minor, score_sum
+    FROM {DB}.decisions_per_minute ORDER BY m, decision, currency""")
+
+
+def assert_aggregates_match_final(client) -> None:
+  """Both aggregates hold exactly what decisions FINAL holds (score sums to rounding)."""
+  direct, view = per_minute_from_final(client), per_minute_from_view(client)
+  assert [row[:6] for row in view] == [row[:6] for row in direct] and direct
+  assert [row[6] for row in view] == pytest.approx([row[6] for row in direct])
+  by_minute = f"SELECT toUInt64(minute) AS m, sum(decisions) FROM {DB}.decisions_per_minute GROUP BY m ORDER BY m"
+  assert client.execute(by_minute) == client.execute(
+      f"SELECT toUInt64(toStartOfMinute(event_time)) AS m, count() FROM {DB}.decisions FINAL GROUP BY m ORDER BY m")
+  terminals = client.execute(f"""
+    SELECT toUInt64(hour) AS h, terminal_id, currency, decision, flagged, flagged_amount_minor
+    FROM {DB}.flagged_per_hour_terminal ORDER BY h, terminal_id, currency, decision""")
+  assert terminals == client.execute(f"""
+    SELECT toUInt64(toStartOfHour(event_time)) AS h, terminal_id, currency, toString(decision) AS d, count(),
+           sum(amount_minor)
+    FROM (SELECT * FROM {DB}.decisions FINAL) WHERE decision != 'approve' GROUP BY h, terminal_id, currency, d
+    ORDER BY h, terminal_id, currency, d""")
+  assert terminals
+
+
+def test_aggregates_count_a_reinserted_transaction_once(client, url):
+  decisions = fx.make_decisions(600, customers=20, days=2, batch_rows=100)
+  WriteToClickHouse(url).preflight()
+  client.execute(f"SYSTEM STOP MERGES {DB}.decisions_per_minute_agg")  # every insert's states stay apart
+  fx.run_write(WriteToClickHouse(url, batch_size=150), decisions, expect_written=600)
+  # Retries and reruns: some rows again in other batches, then everything again.
+  fx.run_write(WriteToClickHouse(url), fx.take(decisions, range(250, 50, -1), batch_rows=60), expect_written=200)
+  fx.run_write(WriteToClickHouse(url), fx.reversed_rows(decisions, batch_rows=90), expect_written=600)
+  assert final_count(client) == 600
+  # The materialised view saw 1,400 rows: a per-insert count would say 1,400.
+  seen = client.execute(f"SELECT sum(finalizeAggregation(transactions)) FROM {DB}.decisions_per_minute_agg")
+  assert seen == [(1400,)]
+  assert_aggregates_match_final(client)
+  client.execute(f"SYSTEM START MERGES {DB}.decisions_per_minute_agg")
+  client.execute(f"OPTIMIZE TABLE {DB}.decisions_per_minute_agg FINAL")
+  assert_aggregates_match_final(client)
+
+  rows = fx.rows(decisions)
+  assert queries.fraud_rate_per_hour_aggregated(client, database=DB) == queries.fraud_rate_per_hour(client, database=DB)
+  assert queries.top_terminals_by_flagged_amount_aggregated(client, limit=5, database=DB) == \
+      queries.top_terminals_by_flagged_amount(client, limit=5, database=DB)
+  since, until = fx.T0 + fx.DAY_MS, fx.T0 + fx.DAY_MS + 300_000  # five minutes of the second day
+  window = [d for d in rows if since <= d["event_time_ms"] // 60_000 * 60_000 < until]
+  rates = queries.decision_rates(client, since, until, database=DB)
+  assert (rates["transactions"], rates["reviewed"], rates["declined"]) == (
+      len(window), sum(d["decision"] == "review" for d in window), sum(d["decision"] == "decline" for d in window))
+  per_minute = queries.decisions_per_minute(client, since, until, database=DB)
+  assert {r["minute_ms"] for r in per_minute} == {d["event_time_ms"] // 60_000 * 60_000 for d in window}
+  assert sum(r["decisions"] for r in per_minute) == len(window)
+  assert sum(r["flagged_amount_minor"] for r in per_minute) == sum(
+      d["amount_minor"] for d in window if d["decision"] != "approve")
+
+
+def test_aggregates_backfill_history_once_and_again_after_an_interrupted_start(client, url):
+  # A database from before the aggregates: the table alone, with a re-insert and a re-decision in it.
+  target = ch.ClickHouseTarget(url)
+  client.execute(f"CREATE DATABASE {DB}")
+  client.execute(ch.table_ddl(DB))
+  insert = f"INSERT INTO {DB}.decisions ({', '.join(ch.INSERT_COLUMNS)}) FORMAT Native"
+  old = fx.make_decisions(400, customers=10, days=2)
+  table = fx.table_of(old)
+  target.http(insert, ch.native_block(table))
+  target.http(insert, ch.native_block(table.slice(100, 150)))
+  # Rows 0-9 re-decided (approve, review, decline -> decline, approve, approve, ...): only the latest may count.
+  redecided = fx.with_columns(fx.take(old, range(10)), decision=["decline"] + ["approve"] * 9,
+                              decided_at_ms=[d["decided_at_ms"] + 1 for d in fx.rows(fx.take(old, range(10)))])
+  target.http(insert, ch.native_block(fx.table_of(redecided)))
+
+  # The sink's first start creates the aggregates and copies the history in; new rows follow through the view.
+  new = fx.make_decisions(200, prefix="new", customers=10, days=2, start_ms=fx.T0 + 30_000)
+  fx.run_write(WriteToClickHouse(url), fx.take(old, range(300, 350)) + new, expect_written=250)
+  assert final_count(client) == 600
+  assert_aggregates_match_final(client)
+
+  # A start that died after the backfill but before the VIEW: the next one backfills again, counting nothing twice.
+  client.execute(f"DROP TABLE {DB}.decisions_per_minute")
+  WriteToClickHouse(url).preflight()
+  assert client.execute(f"EXISTS TABLE {DB}.decisions_per_minute") == [(1,)]
+  assert_aggregates_match_final(client)
+
+
+def test_aggregates_keep_a_re_decided_transaction_under_both_decisions_until_rebuilt(client, url):
+  decisions = fx.make_decisions(90, customers=9, days=1)
+  fx.run_write(WriteToClickHouse(url), decisions, expect_written=90)
+  approved = [i for i, d in enumerate(fx.rows(decisions)) if d["decision"] == "approve"][:5]
+  first = fx.take(decisions, approved)
+  fx.run_write(WriteToClickHouse(url), fx.with_columns(first, decision=["decline"] * 5, decided_at_ms=[
+      d["decided_at_ms"] + 1 for d in fx.rows(first)]), expect_written=5)
+  total = f"SELECT sum(decisions) FROM {DB}.decisions_per_minute"
+  assert client.execute(total) == [(95,)]  # the documented caveat: counted as approved and as declined
+  # The rebuild the docstring describes: drop the aggregate's partitions, backfill from decisions FINAL.
+  for aggregate in clickhouse_aggregates.AGGREGATES:
+    client.execute(f"ALTER TABLE {DB}.{aggregate.table} DROP PARTITION 201804")
+    clickhouse_aggregates.backfill(DB, aggregate, ch.native_runner(client))
+  assert client.execute(total) == [(90,)]
+  assert_aggregates_match_final(client)

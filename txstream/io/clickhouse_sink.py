@@ -28,6 +28,12 @@ creating its ~90 files), so the default is large: on the local server,
 Table creation, preflight and the dashboard queries use the native protocol
 (clickhouse-driver).
 
+With the table come the pre-aggregated dashboard tables and their
+materialised views (``txstream.io.clickhouse_aggregates``:
+``decisions_per_minute``, ``flagged_per_hour_terminal``), created by
+``create_schema`` wherever the table is; history already in ``decisions`` is
+backfilled into a new aggregate once.
+
 URL: ``clickhouse://[user[:password]@]host[:port]/database[?http_port=8123]``
 (``clickhouses://`` for TLS: native 9440, HTTPS 8443).
 """
@@ -48,7 +54,7 @@ from clickhouse_driver import errors as ch_errors
 
 from txstream.core import contracts
 from txstream.core.batch import DecisionBatch
-from txstream.io import ch_native, sinks
+from txstream.io import ch_native, clickhouse_aggregates, sinks
 from txstream.io.sinks import BatchingWriteFn, Refusal, RetryPolicy, SinkConfigError, SinkResult, column_position
 
 _LOGGER = logging.getLogger(__name__)
@@ -118,6 +124,8 @@ _REQUIRED = tuple(p for (_, t), p in zip(COLUMNS, _POSITIONS) if not t.startswit
 _DECISION_POSITION = column_position("decision")
 _DECIDED_AT_POSITION = column_position("decided_at_ms")
 _NUMPY = {"Int64": "<i8", "Int32": "<i4", "UInt64": "<u8", "Float64": "<f8"}
+# Schema statements include an aggregate's backfill, one month of decisions per statement.
+SCHEMA_TIMEOUT_S = 900.0
 
 
 def table_ddl(database: str) -> str:
@@ -225,12 +233,26 @@ def _message(error: BaseException) -> str:
   return sinks.one_line(text.split(". Stack trace:")[0])
 
 
+def create_schema(database: str, run: clickhouse_aggregates.Run) -> None:
+  """Creates the database, the ``decisions`` table and the aggregates if missing (idempotent).
+
+  ``run(sql)`` executes one statement and returns its result as text.
+  """
+  run(f"CREATE DATABASE IF NOT EXISTS {database}")
+  run(table_ddl(database))
+  clickhouse_aggregates.ensure_aggregates(database, run)
+
+
+def native_runner(client: Client) -> clickhouse_aggregates.Run:
+  """``run(sql)`` for ``create_schema`` over a clickhouse-driver client: rows as tab-separated lines."""
+  return lambda sql: "\n".join("\t".join(str(v) for v in row) for row in client.execute(sql) or [])
+
+
 def ensure_schema(target: ClickHouseTarget) -> None:
-  """Creates the database and the ``decisions`` table if missing (idempotent)."""
-  admin = target.client(database="default")
+  """Creates the database, the ``decisions`` table and the aggregates if missing (idempotent)."""
+  admin = target.client(database="default", timeout_s=SCHEMA_TIMEOUT_S)
   try:
-    admin.execute(f"CREATE DATABASE IF NOT EXISTS {target.database}")
-    admin.execute(table_ddl(target.database))
+    create_schema(target.database, native_runner(admin))
   finally:
     admin.disconnect()
 
@@ -339,8 +361,7 @@ class _WriteToClickHouseFn(BatchingWriteFn):
   def open_client(self):
     self._target = ClickHouseTarget(self._url)
     # A worker may start against a server nobody has run preflight on: create what is missing.
-    self._target.http(f"CREATE DATABASE IF NOT EXISTS {self._target.database}")
-    self._target.http(table_ddl(self._target.database))
+    create_schema(self._target.database, lambda sql: self._target.http(sql, timeout_s=SCHEMA_TIMEOUT_S).decode())
     self._insert = f"INSERT INTO {self._target.database}.decisions ({', '.join(INSERT_COLUMNS)}) FORMAT Native"
 
   def close_client(self):
