@@ -294,7 +294,7 @@ def main(argv=None) -> int:
       handler.addFilter(_Redacting())
   parser = _Parser(prog="txstream", description="Real-time card transaction pipeline on Apache Beam.")
   parser.add_argument("--version", action="store_true", help="Print the txstream, git, Beam and Python versions.")
-  sub = parser.add_subparsers(dest="command", metavar="{generate,run,rerun,stream,train,services,reconcile}")
+  sub = parser.add_subparsers(dest="command", metavar="{generate,run,rerun,stream,train,services,reconcile,serve}")
   _generate_parser(sub)
   _run_parser(sub)
   _rerun_parser(sub)
@@ -302,6 +302,7 @@ def main(argv=None) -> int:
   _train_parser(sub)
   services.add_parser(sub)
   reconcile.add_parser(sub)
+  _serve_parser(sub)
   try:
     if not argv or argv[0] in ("-h", "--help"):
       parser.print_help()
@@ -333,6 +334,8 @@ def main(argv=None) -> int:
       return services.run(args)
     if args.command == "reconcile":
       return reconcile.run(args)
+    if args.command == "serve":
+      return _serve(args)
     raise UsageError(f"unknown command {argv[0]!r}")
   except UsageError as e:
     print(f"txstream: error: {_redact(str(e))}", file=sys.stderr)
@@ -383,6 +386,8 @@ def _quality_status(summary: dict, options) -> int:
   failed = [f"{s['suite']}: {f.get('column') or f['expectation']}" for s in quality.get("suites", [])
             for f in s["failed"]]
   what = quality.get("error") or (", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else ""))
+  if "windows_failed" in quality:  # a live run: its windows
+    what = f"{quality['windows_failed']} of {quality['windows_validated']} live windows failed"
   print(f"txstream: error: data quality failed ({_redact(what)}); the decisions are written; "
         f"see {quality.get('docs') or 'the summary'} (--dq_fail_ok to exit 0)", file=sys.stderr)
   return 3
@@ -475,6 +480,88 @@ def _train(args) -> int:
     except OSError as e:
       raise UsageError(f"cannot write {args.metrics_json}: {e.strerror}") from e
   print(text)
+  return 0
+
+
+# -- serve -------------------------------------------------------------------------------------------------------
+
+_SERVE_EXAMPLES = """\
+examples:
+  # every tier, on this machine only
+  txstream serve --port 8080 --postgres_dsn='host=127.0.0.1 dbname=txstream user=postgres' \\
+    --clickhouse_url=clickhouse://127.0.0.1:9000/txstream --redis_url=redis://127.0.0.1:6379/0 \\
+    --cold_path=s3://decisions/cold --s3_endpoint_url=http://127.0.0.1:9000
+  curl -s localhost:8080/sql -H 'content-type: application/json' \\
+    -d '{"sql": "SELECT decision, count(*) FROM decisions WHERE event_date >= current_date - 1 GROUP BY 1"}'
+  # on the network, with an API key (read from the environment, never a flag)
+  TXSTREAM_API_KEY=$(cat key) txstream serve --host 0.0.0.0 --auth --postgres_dsn=..."""
+
+
+def _serve_parser(sub):
+  import os
+  from txstream.config.options import DEFAULT_OUT
+  p = sub.add_parser("serve", help="Serve read-only SQL over every tier, decision lookups and the dashboard.",
+                     description=textwrap.fill(
+                         "A read-only SQL HTTP API over the logical tables decisions (ClickHouse for recent event "
+                         "times, the cold Delta table for older ones), decisions_per_minute (ClickHouse) and the "
+                         "operational tables dead_letters, runs, dq_results, dashboards (PostgreSQL); decision "
+                         "lookups from Redis with PostgreSQL behind it; the dashboard. OpenAPI at /docs.", 100),
+                     epilog=_SERVE_EXAMPLES, formatter_class=_HelpFormatter)
+  server = p.add_argument_group("Server")
+  server.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+  server.add_argument("--port", type=int, default=8080, help="Port to listen on.")
+  server.add_argument("--auth", action="store_true",
+                      help="Require the API key in env TXSTREAM_API_KEY (Authorization: Bearer <key> or X-API-Key).")
+  tiers = p.add_argument_group("Tiers", "As `txstream run` takes them; a tier not given is off.")
+  tiers.add_argument("--postgres_dsn", default=None, help="Warm tier and operational tables.")
+  tiers.add_argument("--clickhouse_url", default=None,
+                     help="Analytics tier, e.g. clickhouse://127.0.0.1:9000/txstream.")
+  tiers.add_argument("--redis_url", default=None, help="Hot tier, e.g. redis://127.0.0.1:6379/0.")
+  tiers.add_argument("--cold_path", default=os.path.join(DEFAULT_OUT, "cold"),
+                     help="Cold tier root (local folder or s3://bucket/prefix); its Delta table is decisions/.")
+  tiers.add_argument("--no_cold", action="store_true", help="Do not read the cold tier.")
+  for flag, text in (("--s3_endpoint_url", "S3-compatible endpoint for an s3:// --cold_path."),
+                     ("--s3_access_key_id", "S3 access key."), ("--s3_secret_access_key", "S3 secret key."),
+                     ("--s3_region_name", "S3 region.")):
+    tiers.add_argument(flag, default=None, help=text)
+  queries = p.add_argument_group("Queries")
+  queries.add_argument("--clickhouse_retention_days", type=int, default=90,
+                       help="ClickHouse holds decisions this many days back; older history is read from the cold tier.")
+  queries.add_argument("--row_limit", type=int, default=10_000, help="Most rows a query returns.")
+  queries.add_argument("--query_timeout_s", type=float, default=30.0, help="Longest a query may run, in seconds.")
+
+
+def _serve(args) -> int:
+  import os
+  from txstream.io import cold_table
+  from txstream.io.sinks import SinkConfigError
+  from txstream.serve.config import API_KEY_ENV, ServeConfig
+  api_key = os.environ.get(API_KEY_ENV) if args.auth else None
+  if args.auth and not (api_key or "").strip():
+    raise UsageError(f"--auth needs the API key in the environment variable {API_KEY_ENV}")
+  if not 0 < args.port < 65536:
+    raise UsageError(f"--port {args.port}: not a port number")
+  s3 = [f"--{k}={getattr(args, k)}" for k in ("s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key",
+                                              "s3_region_name") if getattr(args, k)]
+  try:
+    config = ServeConfig(postgres_dsn=args.postgres_dsn, clickhouse_url=args.clickhouse_url,
+                         redis_url=args.redis_url, cold_path=None if args.no_cold else args.cold_path,
+                         storage_options=cold_table.storage_options(PipelineOptions(s3)) if s3 else {},
+                         clickhouse_retention_days=args.clickhouse_retention_days, row_limit=args.row_limit,
+                         query_timeout_s=args.query_timeout_s, api_key=api_key)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  logging.getLogger("txstream").setLevel(logging.INFO)
+  from txstream.serve import app as app_lib
+  warning = app_lib.listen_warning(args.host, args.auth)
+  if warning:
+    _LOGGER.warning("%s", warning)
+  try:
+    app = app_lib.create_app(config)
+  except _config_errors() + (SinkConfigError,) as e:
+    raise UsageError(str(e)) from e
+  import uvicorn
+  uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
   return 0
 
 

@@ -610,7 +610,33 @@ def install_promtool(say: Callable[[str], None]) -> str:
   return str(path)
 
 
-TOOLS = {"promtool": (install_promtool, promtool_path)}
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+
+
+def chromium_path() -> pathlib.Path:
+  return CHROMIUM
+
+
+def install_chromium(say: Callable[[str], None]) -> str:
+  """Debian's Chromium (the dashboard's browser tests drive it headless with Playwright); returns its path.
+
+  Installed with ``apt-get install -y chromium`` when ``/usr/bin/chromium`` is
+  missing: Playwright's own browser download is never used. ``ServiceError``
+  (one line) when it cannot be installed.
+  """
+  if os.access(CHROMIUM, os.X_OK):
+    return str(CHROMIUM)
+  state = state_root() / "chromium"
+  with _locked(state):  # two test sessions on a fresh machine would race for dpkg's lock
+    if not os.access(CHROMIUM, os.X_OK):
+      _apt_install(_Context("chromium", "", 0, state, say), ["chromium"])
+  if not os.access(CHROMIUM, os.X_OK):
+    raise ServiceError(f"chromium: apt-get installed chromium but {CHROMIUM} is missing; "
+                       f"see {state / 'install.log'}")
+  return str(CHROMIUM)
+
+
+TOOLS = {"promtool": (install_promtool, promtool_path), "chromium": (install_chromium, chromium_path)}
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -623,8 +649,8 @@ def add_parser(subparsers):
                   "stop only ours; install runners at the Beam version in use into .services/.")
   p.add_argument("action", choices=("up", "down", "status"))
   p.add_argument("names", nargs="*", metavar="NAME",
-                 help=f"Any of {', '.join(SERVICES)}, prism, flink, expansion, promtool (default: the servers, "
-                      "prism and promtool).")
+                 help=f"Any of {', '.join(SERVICES)}, prism, flink, expansion, promtool, chromium (default: the "
+                      "servers, prism, promtool and chromium).")
   return p
 
 
