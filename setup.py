@@ -62,5 +62,5 @@ setuptools.setup(
     },
     install_requires=REQUIRED,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["txstream=txstream.cli:main"]},
+    entry_points={"console_scripts": ["txstream=txstream.cli:console_main"]},
 )

@@ -565,5 +565,30 @@ def _serve(args) -> int:
   return 0
 
 
+def console_main() -> int:
+  """The ``txstream`` executable: ``main``, then the process ends even if a Beam thread was left running.
+
+  ``txstream stream`` stops on SIGINT (Ctrl-C, or its own ``--duration_s``
+  timer). When the interrupt lands inside Beam's bundle start, the state
+  sampler's thread (not a daemon) can be left running after the summary is
+  printed and the offsets committed, and the interpreter would wait for it
+  forever. Once ``main`` has returned nothing is left to do: the process exits
+  with its status whatever threads remain. Only the executable does this;
+  ``main`` called from Python returns as usual.
+  """
+  import os
+  import threading
+  code = main()
+  leftover = [t.name for t in threading.enumerate()
+              if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+  if leftover:
+    _LOGGER.debug("exiting with threads still running: %s", ", ".join(leftover))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+  return code
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(console_main())

@@ -271,3 +271,17 @@ def test_help_is_grouped_by_concern_and_lists_every_flag(capsys, command):
   assert "every other Beam flag" in words
   assert "(default: DirectRunner)" in words and "(default: out/cold)" in words
   assert f"txstream {command} " in out.split("examples:")[1]
+
+
+def test_the_executable_exits_even_if_a_non_daemon_thread_is_left_running():
+  # What Beam's state sampler can leave behind when `stream` is interrupted inside a bundle's start.
+  script = ("import sys, threading, time\n"
+            "from txstream import cli\n"
+            "def main():\n"
+            "  threading.Thread(target=time.sleep, args=(3600,)).start()\n"
+            "  print('summary', flush=True)\n"
+            "  return 3\n"
+            "cli.main = main\n"
+            "sys.exit(cli.console_main())\n")
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+  assert done.returncode == 3 and done.stdout == "summary\n"
