@@ -99,7 +99,7 @@ def test_a_drifted_day_fails_exactly_its_decline_rate_and_the_run_exits_3(servic
     cur.execute("SELECT suite, scope, window_start, success, failed FROM dq_results WHERE run_id = %s",
                 (summary["run_id"],))
     stored = cur.fetchall()
-  assert len(stored) == 3 + 10  # a row per suite, and one per window
+  assert len(stored) == 4 + 10  # a row per suite, and one per window
   failing = [(suite, scope, start) for suite, scope, start, success, _ in stored if not success]
   assert sorted(failing, key=str) == sorted([("window_distribution", "run", None),
                                              ("window_distribution", "window",

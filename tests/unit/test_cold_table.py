@@ -5,6 +5,7 @@ deduplicated and appended; keys the table holds are MERGEd (replaced).
 """
 import datetime
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -56,3 +57,24 @@ def test_new_keys_duplicates_and_stored_keys_each_make_one_version(tmp_path):
   assert (third.version, third.inserted, third.updated) == (3, 1, 1)
   assert _rows(uri) == [("t1", 10), ("t2", 2), ("t3", 3), ("t4", 4), ("t5", 5)]
   assert _rows(uri, version=2) == [("t1", 1), ("t2", 2), ("t3", 3), ("t4", 4)]
+
+
+def test_staged_ranges_come_from_the_parquet_statistics_and_match_the_rows(tmp_path):
+  root = tmp_path / "cold"
+  rng = np.random.default_rng(4)
+  written = []
+  for day, groups in (("2018-04-01", 3), ("2018-04-02", 1)):
+    folder = root / cold_table.STAGING / "run-1" / f"event_date={day}"
+    folder.mkdir(parents=True)
+    table = pa.table({"a": rng.normal(size=3000), "b": rng.integers(-5, 9, 3000).astype(float)})
+    written.append(table)
+    pq.write_table(table, folder / "w0.parquet", row_group_size=3000 // groups)
+  # A file written without statistics: its column is read instead.
+  pq.write_table(pa.table({"a": [100.0], "b": [-100.0]}), root / cold_table.STAGING / "run-1" /
+                 "event_date=2018-04-02" / "w1.parquet", write_statistics=False)
+  written.append(pa.table({"a": [100.0], "b": [-100.0]}))
+  everything = pa.concat_tables(written)
+  ranges = cold_table.staged_ranges(str(root), "run-1", ["a", "b"])
+  for column in ("a", "b"):
+    assert ranges[column] == (min(everything.column(column).to_pylist()), max(everything.column(column).to_pylist()))
+  assert cold_table.staged_ranges(str(root), "no-such-run", ["a"]) == {"a": (None, None)}

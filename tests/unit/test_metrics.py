@@ -212,7 +212,8 @@ def test_live_hot_path_serves_its_metrics(reference, tmp_path):
     fn.teardown()  # validates the last (here the only) data-quality window
     scraped = _scrape(port)
     assert scraped[("txstream_dq_success", (("scope", "window"), ("suite", "decisions")))] == 1
-    assert scraped[("txstream_dq_evaluated_expectations", (("suite", "decisions"),))] == 40
+    assert scraped[("txstream_dq_evaluated_expectations", (("suite", "decisions"),))] == 10
+    assert scraped[("txstream_dq_evaluated_expectations", (("suite", "feature_ranges"),))] == 30
     assert scraped[("txstream_dq_validations_total", (("result", "passed"), ("suite", "window_distribution")))] == 1
     assert live.live_quality.summary()["windows_validated"] == 1
     assert (tmp_path / "docs" / "live-test.html").exists()

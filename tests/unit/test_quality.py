@@ -63,8 +63,8 @@ def test_clean_decisions_pass_every_suite(config):
   result = validate.check(table, counts(table), config, REVIEW, DECLINE)
   assert result["success"], failures(result)
   assert [(s["suite"], s["evaluated"]) for s in result["suites"]] == [
-      ("decisions", 40), ("window_distribution", 4), ("run_distribution", 5)]
-  assert len(result["suites"][1]["windows"]) == 10
+      ("decisions", 10), ("feature_ranges", 30), ("window_distribution", 4), ("run_distribution", 5)]
+  assert len(result["suites"][2]["windows"]) == 10
   json.dumps(result)  # JSON-able as it is, for the summary and dq_results
 
 
@@ -84,10 +84,10 @@ _DEFECTS = [
     ({"decision": "review", "score": 0.6}, ("decisions", "expect_column_values_to_be_in_set", "decision_evidence"),
      ["review:none"]),
     ({"score": 0.95}, ("decisions", "expect_column_values_to_be_in_set", "score_band"), ["high:approve"]),
-    ({"terminal_id_risk_7day_window": 1.7}, ("decisions", "expect_column_max_to_be_between",
-                                             "terminal_id_risk_7day_window"), 1.7),
-    ({"customer_id_nb_tx_1day_window": -2.0}, ("decisions", "expect_column_min_to_be_between",
-                                               "customer_id_nb_tx_1day_window"), -2.0),
+    ({"terminal_id_risk_7day_window": 1.7}, ("feature_ranges", "expect_column_values_to_be_between",
+                                             "terminal_id_risk_7day_window_max"), [1.7]),
+    ({"customer_id_nb_tx_1day_window": -2.0}, ("feature_ranges", "expect_column_values_to_be_between",
+                                               "customer_id_nb_tx_1day_window_min"), [-2.0]),
     ({"model_version": None}, ("decisions", "expect_column_values_to_not_be_null", "model_version"), None),
 ]
 
@@ -98,7 +98,7 @@ def test_each_planted_defect_fails_exactly_its_expectation(config, values, expec
   result = validate.check(table, counts(table), config, REVIEW, DECLINE)
   assert not result["success"]
   assert failures(result) == {expected, *also}
-  failed = next(f for f in result["suites"][0]["failed"] if (f["expectation"], f["column"]) == expected[1:])
+  failed = next(f for s in result["suites"] for f in s["failed"] if (s["suite"], f["expectation"], f["column"]) == expected)
   if observed is not None:
     assert failed["observed"] == observed
   if "unexpected_count" in failed:
@@ -130,11 +130,11 @@ def test_a_day_with_ten_times_the_decline_rate_fails_exactly_its_window_s_declin
   tight = validate.QualityConfig(**{**config.__dict__, "window": {**config.window, "decline_rate": {"max": 0.02}}})
   result = validate.check(table, counts(table), tight, REVIEW, DECLINE)
   assert failures(result) == {("window_distribution", "expect_column_values_to_be_between", "decline_rate")}
-  windows = result["suites"][1]["windows"]
+  windows = result["suites"][2]["windows"]
   failed = [w for w in windows if not w["success"]]
   assert [w["window_start_ms"] for w in failed] == [T0 + drifted_day * DAY]
   assert failed[0]["failed"][0]["observed"] == pytest.approx(len(decline | set(rows[::400].tolist())) / 1000)
-  assert result["suites"][1]["failed_windows"] == 1
+  assert result["suites"][2]["failed_windows"] == 1
 
 
 def test_volume_drift_and_dead_letters_and_unaccounted_events_fail_the_distribution_suites(config):
@@ -147,7 +147,7 @@ def test_volume_drift_and_dead_letters_and_unaccounted_events_fail_the_distribut
   assert failures(result) == {("window_distribution", "expect_column_values_to_be_between", "rows_vs_median"),
                               ("run_distribution", "expect_column_values_to_be_between", "dead_letter_rate"),
                               ("run_distribution", "expect_column_values_to_be_between", "unaccounted")}
-  run_failed = {f["column"]: f["observed"] for f in result["suites"][2]["failed"]}
+  run_failed = {f["column"]: f["observed"] for f in result["suites"][3]["failed"]}
   assert run_failed["unaccounted"] == [100]
 
 
@@ -155,7 +155,7 @@ def test_without_decisions_the_run_suite_still_reads_the_counters(config):
   counts_only = {"events_in": 1100, "scored": 1000, "dead_letter_total": 100, "filtered": 0,
                  "decisions": {"approve": 800, "review": 100, "decline": 100}}
   result = validate.check(None, counts_only, config, REVIEW, DECLINE)
-  assert [s["evaluated"] for s in result["suites"]] == [0, 0, 5]
+  assert [s["evaluated"] for s in result["suites"]] == [0, 0, 0, 5]
   assert failures(result) == {("run_distribution", "expect_column_values_to_be_between", "decline_rate"),
                               ("run_distribution", "expect_column_values_to_be_between", "review_rate"),
                               ("run_distribution", "expect_column_values_to_be_between", "dead_letter_rate")}
@@ -165,7 +165,7 @@ def test_a_run_too_small_for_its_rates_is_held_to_its_accounting_only(config):
   table = decisions(days=1, per_day=90, decline_every=10)  # 10% declined, far above the bounds
   result = validate.check(table, {**counts(table, dead=50), "events_in": 141}, config, REVIEW, DECLINE)
   assert failures(result) == {("run_distribution", "expect_column_values_to_be_between", "unaccounted")}
-  assert "fewer than run.min_rows (1000)" in result["suites"][2]["note"]
+  assert "fewer than run.min_rows (1000)" in result["suites"][3]["note"]
   big = decisions(days=1, per_day=1000, decline_every=10)
   assert ("run_distribution", "expect_column_values_to_be_between", "decline_rate") in failures(
       validate.check(big, counts(big), config, REVIEW, DECLINE))
@@ -200,9 +200,10 @@ def test_rows_and_page_hold_every_window_and_failure(config, tmp_path):
   table = with_values(decisions(days=3), 5, score=1.5)
   result = validate.check(table, counts(table), config, REVIEW, DECLINE)
   stored = report.rows("run-1", result, "docs.html")
-  assert [(r[1], r[2]) for r in stored] == ([("decisions", "run"), ("window_distribution", "run")]
+  assert [(r[1], r[2]) for r in stored] == ([("decisions", "run"), ("feature_ranges", "run"),
+                                             ("window_distribution", "run")]
                                             + [("window_distribution", "window")] * 3 + [("run_distribution", "run")])
-  assert [r[5] for r in stored] == [False, True, True, True, True, True]
+  assert [r[5] for r in stored] == [False, True, True, True, True, True, True]
   assert json.loads(stored[0][8])[0]["observed"] == [1.5]
   path = report.write_page(str(tmp_path), "run-1<x>", result)
   text = open(path, encoding="utf-8").read()

@@ -36,6 +36,7 @@ from txstream.pipelines import manifest as manifest_lib
 from txstream.pipelines.graph import Sources, build_graph, build_tiers
 from txstream.quality import report as dq_report
 from txstream.quality import validate as dq
+from txstream.quality import worker as dq_worker
 from txstream.runners.profiles import run_context, runner_for
 from txstream.transforms.enrich import load_reference
 from txstream.transforms.tiers import check_writable
@@ -310,29 +311,18 @@ def execute(options: PipelineOptions, run_id: str, kind: str = "run", window: Op
   return summary
 
 
-# What the row-level suite reads of the staged decisions.
-_DQ_COLUMNS = ("transaction_id", "amount_minor", "currency", "event_time", "score", "decision", "reason_codes",
-               "model_version") + contracts.FEATURE_COLUMNS
-
-
-def _data_quality(options, config: dq.QualityConfig, run_id: str, cold_path: Optional[str], summary: dict,
+def _data_quality(options, validator, cold_path: Optional[str], run_id: str, summary: dict,
                   window: Optional[Tuple[int, int]], runs_dsn: Optional[str]) -> dict:
-  """Validates the run's decisions (as staged, before the commit) and records the result.
+  """The run's data-quality result (``quality.worker``'s), onto its data-docs page and into ``dq_results``.
 
-  The result goes into the summary, onto the data-docs page and into
-  PostgreSQL's ``dq_results`` (``runs_dsn``). A failed suite loses nothing:
-  the commit that follows publishes the decisions all the same, and the
-  command exits 3 (``--dq_fail_ok``: 0). A validation that cannot run at all
-  counts as failed, with its error.
+  ``validator`` has been sent the job (``submit``) before the cold-tier
+  commit. A failed suite loses nothing: the commit has published the
+  decisions all the same, and the command exits 3 (``--dq_fail_ok``: 0). A
+  validation that cannot run at all counts as failed, with its error.
   """
-  try:
-    rules = load_rules(options.view_as(ScoreOptions).rules)
-    decisions = cold_table.staged_rows(cold_path, run_id, options, _DQ_COLUMNS) if cold_path else None
-    result = dq.check(decisions, summary, config, rules.review_score, rules.decline_score, window)
-    del decisions
-  except Exception as e:  # pylint: disable=broad-except
-    _LOGGER.exception("data quality: the validation failed to run")
-    return {"success": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+  result = validator.result()
+  if "suites" not in result:
+    return result
   result["docs"] = dq_report.write_page(dq_docs_dir(options), run_id, result)
   if runs_dsn:
     try:
@@ -354,13 +344,17 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
              runs_dsn: Optional[str] = None) -> dict:
   reporter = progress.ProgressReporter(options.view_as(LiveOptions).progress_interval_s, expected_events)
   quality = check_quality(options)
-  if quality is not None:
-    dq.preload()  # Great Expectations takes seconds to import: on a thread, while the pipeline runs
+  # Great Expectations imports in a process of its own while the pipeline runs (quality.worker).
+  validator = dq_worker.Validator() if quality is not None else None
   with run_context(runner):
     reporter.start()
     try:
       result = pipeline.run()
       result.wait_until_finish()
+    except BaseException:
+      if validator is not None:
+        validator.close()
+      raise
     finally:
       reporter.stop()
   wall = time.monotonic() - start
@@ -371,8 +365,11 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
   summary["rules_version"] = outputs.rules_version
   values, distributions = metrics.collect(result)
   summary["latency"] = metrics.run_latency(values, distributions)
-  summary["data_quality"] = (_data_quality(options, quality, run_id, cold_path, summary, window, runs_dsn)
-                             if quality is not None else {"success": True, "skipped": "--no_dq"})
+  if validator is not None:
+    # The child reads the staged decisions now; it validates them while the commit below publishes them.
+    rules = load_rules(options.view_as(ScoreOptions).rules)
+    validator.submit(cold_path, run_id, cold_table.storage_options(options), summary, quality.path,
+                     rules.review_score, rules.decline_score, window)
   if cold_path:
     # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
     committed = cold_table.commit(cold_path, run_id, options)
@@ -394,6 +391,8 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
       commit_offsets(config, {p: stop for p, (_, stop) in outputs.label_ranges.items()},
                      topic=options.view_as(KafkaOptions).labels_topic)
     summary["kafka_offsets"] = {str(p): [start, stop] for p, (start, stop) in sorted(outputs.kafka_ranges.items())}
+  summary["data_quality"] = (_data_quality(options, validator, cold_path, run_id, summary, window, runs_dsn)
+                             if validator is not None else {"success": True, "skipped": "--no_dq"})
   metrics_file = options.view_as(metrics.MetricsOptions).metrics_file
   if metrics_file:
     os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
