@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from txstream.io import cold_table
+from txstream.io import cold_table, object_store
 
 SCHEMA = pa.schema([("transaction_id", pa.string()), ("amount", pa.int64()), ("event_date", pa.date32())])
 
@@ -74,7 +74,8 @@ def test_staged_ranges_come_from_the_parquet_statistics_and_match_the_rows(tmp_p
                  "event_date=2018-04-02" / "w1.parquet", write_statistics=False)
   written.append(pa.table({"a": [100.0], "b": [-100.0]}))
   everything = pa.concat_tables(written)
-  ranges = cold_table.staged_ranges(str(root), "run-1", ["a", "b"])
+  ranges = object_store.column_ranges(*cold_table.staged_files(str(root), "run-1", {}), ["a", "b"])
   for column in ("a", "b"):
     assert ranges[column] == (min(everything.column(column).to_pylist()), max(everything.column(column).to_pylist()))
-  assert cold_table.staged_ranges(str(root), "no-such-run", ["a"]) == {"a": (None, None)}
+  assert object_store.column_ranges(*cold_table.staged_files(str(root), "no-such-run", {}), ["a"]) == {
+      "a": (None, None)}

@@ -210,3 +210,22 @@ def test_rows_and_page_hold_every_window_and_failure(config, tmp_path):
   assert "FAILED" in text and "expect_column_values_to_be_between" in text and "run-1&lt;x&gt;" in text
   assert "<script" not in text
   assert "run-1&lt;x&gt;" in open(os.path.join(tmp_path, "index.html"), encoding="utf-8").read()
+
+
+def test_a_validation_that_cannot_run_is_a_failed_result_with_its_error(tmp_path):
+  from txstream.quality import worker
+  day = tmp_path / "staging" / "event_date=2018-04-01"
+  day.mkdir(parents=True)
+  (day / "w0.parquet").write_bytes(b"not parquet at all")
+  validator = worker.Validator()
+  validator.submit(str(tmp_path / "staging"), {}, {"events_in": 1, "scored": 1}, None, REVIEW, DECLINE, None)
+  result = validator.result()
+  assert result["success"] is False and "\n" not in result["error"]
+  assert "parquet" in result["error"].lower() or "magic" in result["error"].lower()
+
+
+def test_a_validator_without_a_job_ends_quietly():
+  from txstream.quality import worker
+  validator = worker.Validator()
+  validator.close()
+  assert validator._process.returncode == 0  # pylint: disable=protected-access

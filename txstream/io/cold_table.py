@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from txstream.io import parquet
+from txstream.io import object_store, parquet
+from txstream.io.object_store import filesystem
 
 _LOGGER = logging.getLogger(__name__)
 TABLE = "decisions"
@@ -67,73 +68,26 @@ def storage_options(options: Optional[PipelineOptions]) -> dict:
   return out
 
 
-def filesystem(path: str, options: dict):
-  """(pyarrow filesystem, path within it) for reading the staged files."""
-  if not path.startswith("s3://"):
-    return pyarrow.fs.LocalFileSystem(), path
-  endpoint = options.get("AWS_ENDPOINT_URL", "")
-  fs = pyarrow.fs.S3FileSystem(access_key=options.get("AWS_ACCESS_KEY_ID"),
-                               secret_key=options.get("AWS_SECRET_ACCESS_KEY"),
-                               region=options.get("AWS_REGION", "us-east-1"),
-                               endpoint_override=endpoint.split("://", 1)[-1] or None,
-                               scheme="http" if endpoint.startswith("http://") else "https")
-  return fs, path[len("s3://"):]
-
-
 class Staged(NamedTuple):
   """A staged Parquet file of a run (a path of ``fs``) and the event day it holds (``YYYY-MM-DD``)."""
   path: str
   event_date: str
 
 
+def staged_files(root: str, run_id: str, storage: dict):
+  """(filesystem, the Parquet files a run staged) before ``commit``; no files if it staged none."""
+  fs, where = filesystem(staging_path(root, run_id), storage)
+  return fs, object_store.parquet_files(fs, where)
+
+
 def staged_rows(root: str, run_id: str, options: Optional[PipelineOptions] = None,
-                columns: Optional[Sequence[str]] = None, storage: Optional[dict] = None) -> pa.Table:
-  """The rows a run staged (what its graph decided), before ``commit``; empty if it staged none.
-
-  ``storage``: deltalake's object-store settings (``storage_options``) instead of ``options``.
-  """
-  fs, where = filesystem(staging_path(root, run_id), storage if storage is not None else storage_options(options))
-  paths = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
-           if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
-  schema = parquet.COLD_SCHEMA
+                columns: Optional[Sequence[str]] = None) -> pa.Table:
+  """The rows a run staged (what its graph decided), before ``commit``; empty if it staged none."""
+  fs, paths = staged_files(root, run_id, storage_options(options))
   if not paths:
-    return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
-  source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
-  return source.to_table(columns=list(columns) if columns else None)
-
-
-def staged_ranges(root: str, run_id: str, columns: Sequence[str], storage: Optional[dict] = None) -> dict:
-  """``{column: (min, max)}`` of numeric columns over a run's staged files, from their Parquet statistics.
-
-  No data is read: each row group's footer holds its column's extremes. A
-  column without statistics in some row group is read (that column only).
-  Null where the run staged no rows.
-  """
-  fs, where = filesystem(staging_path(root, run_id), storage or {})
-  paths = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
-           if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
-  lows = {c: [] for c in columns}
-  highs = {c: [] for c in columns}
-  unread = set()
-  for path in paths:
-    with fs.open_input_file(path) as opened:
-      meta = pq.ParquetFile(opened).metadata
-    positions = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
-    for g in range(meta.num_row_groups):
-      group = meta.row_group(g)
-      for c in columns:
-        stats = group.column(positions[c]).statistics
-        if group.num_rows and (stats is None or not stats.has_min_max):
-          unread.add(c)
-        elif group.num_rows:
-          lows[c].append(stats.min)
-          highs[c].append(stats.max)
-  if unread and paths:
-    table = ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=sorted(unread))
-    for c in unread:
-      extremes = pa.compute.min_max(table.column(c))
-      lows[c], highs[c] = [extremes["min"].as_py()], [extremes["max"].as_py()]
-  return {c: (min(lows[c]) if lows[c] else None, max(highs[c]) if highs[c] else None) for c in columns}
+    empty = parquet.COLD_SCHEMA.empty_table()
+    return empty.select(list(columns)) if columns else empty
+  return object_store.read_columns(fs, paths, columns)
 
 
 def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) -> Committed:

@@ -368,8 +368,9 @@ def _execute(options, pipeline, runner, outputs, run_id: str, cold_path: Optiona
   if validator is not None:
     # The child reads the staged decisions now; it validates them while the commit below publishes them.
     rules = load_rules(options.view_as(ScoreOptions).rules)
-    validator.submit(cold_path, run_id, cold_table.storage_options(options), summary, quality.path,
-                     rules.review_score, rules.decline_score, window)
+    validator.submit(cold_table.staging_path(cold_path, run_id) if cold_path else None,
+                     cold_table.storage_options(options), summary, quality.path, rules.review_score,
+                     rules.decline_score, window)
   if cold_path:
     # The whole graph succeeded: publish the run's staged cold-tier rows as one table version.
     committed = cold_table.commit(cold_path, run_id, options)
