@@ -219,7 +219,8 @@ def test_row_limit_and_truncation(client, written):
     ("DROP TABLE runs", "only SELECT queries are allowed (read-only API), got DROP"),
     ("SELECT 1; DELETE FROM runs", "one statement per request, got 2"),
     ("SELECT * FROM pg_catalog.pg_authid", "unknown table pg_catalog.pg_authid: use the logical tables decisions, "
-                                           "decisions_per_minute, dead_letters, runs, dq_results, dashboards"),
+                                           "decisions_per_minute, flagged_per_hour_terminal, dead_letters, runs, "
+                                           "dq_results, dashboards"),
     ("SELECT set_config('role', 'postgres', true)", "function set_config() is not allowed (it reaches outside "
                                                     "the query)"),
 ])
@@ -423,3 +424,97 @@ def test_serve_refuses_auth_without_a_key():
                         text=True, timeout=60, check=False)
   assert done.returncode == 2
   assert done.stderr == "txstream: error: --auth needs the API key in the environment variable TXSTREAM_API_KEY\n"
+
+
+# -- re-decided transactions: one row per transaction, its latest version, whatever is pushed before FINAL --------
+
+REDECIDED = 6
+
+
+@pytest.fixture(scope="module")
+def redecided(services):
+  """``REDECIDED`` recent transactions written to a fresh ClickHouse database twice (two inserts, so two parts
+  FINAL must merge): first approved, then declined with another score a minute later; yields a serve client."""
+  from txstream.io.clickhouse_sink import WriteToClickHouse
+  ch = services.require("clickhouse")
+  suffix = uuid.uuid4().hex[:8]
+  database = f"txstream_serve_redo_{suffix}"
+  url = f"clickhouse://{ch.host}:{ch.port}/{database}"
+  first = decision_table(REDECIDED, prefix=f"re{suffix}", customers=2, days=2, start_ms=_recent_start_ms())
+  position = first.schema.names.index("decision")
+  first = first.set_column(position, first.schema.field(position), pa.array(["approve"] * REDECIDED))
+  later = first.set_column(position, first.schema.field(position), pa.array(["decline"] * REDECIDED))
+  for name, change in (("decided_at_ms", 60_000), ("score", 0.5)):
+    position = later.schema.names.index(name)
+    field = later.schema.field(position)
+    later = later.set_column(position, field, pa.compute.add(later.column(position), pa.scalar(change, field.type)))
+  sink = WriteToClickHouse(url)
+  sink.preflight()
+  writer = sink._fn  # pylint: disable=protected-access
+  writer.open_client()
+  try:
+    for version in (first, later):
+      assert not writer.write_batch(version)
+  finally:
+    writer.close_client()
+  stored = Client(host=ch.host, port=ch.port).execute(f"SELECT count() FROM {database}.decisions")[0][0]
+  config = ServeConfig(clickhouse_url=url, clickhouse_retention_days=30, row_limit=50, query_timeout_s=20)
+  with TestClient(create_app(config)) as client:
+    yield {"client": client, "prefix": f"re{suffix}", "table": later, "stored": stored}
+  Client(host=ch.host, port=ch.port).execute(f"DROP DATABASE IF EXISTS {database}")
+
+
+RECENT = "event_time >= now() - interval '10 days'"
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("transaction_id = '{prefix}-00001'", 1),                                           # a point lookup
+    ("customer_id = {customer}", REDECIDED // 2),                                       # a customer's history
+    ("(terminal_id IN (100, 101) OR currency = 'USD') AND amount_minor BETWEEN 0 AND 5000", None),
+    ("event_time_ms >= 0 AND card_token = 'tok0000'", REDECIDED // 2),
+    ("entry_mode = 'chip' AND merchant_category = 5411", 4),                        # Nullable columns
+    ("decision = 'decline'", REDECIDED),                                                # only after FINAL
+    ("decision = 'approve'", 0),                                                        # the superseded version
+    ("customer_id = {customer} AND decision = 'approve'", 0),
+    ("score >= 0.5 AND transaction_id = '{prefix}-00002'", 1),
+])
+def test_redecided_transactions_count_once_with_their_latest_decision(redecided, where, expected):
+  assert redecided["stored"] == 2 * REDECIDED  # both versions are on disk
+  table = redecided["table"]
+  customer = table.column("customer_id")[0].as_py()
+  where = where.format(prefix=redecided["prefix"], customer=customer)
+  answer = _sql(redecided["client"], f"SELECT transaction_id, decision, score FROM decisions "
+                                     f"WHERE {RECENT} AND {where} ORDER BY transaction_id")
+  assert answer["engine"] == "clickhouse"
+  assert len({r[0] for r in answer["rows"]}) == len(answer["rows"])  # one row per transaction
+  assert {r[1] for r in answer["rows"]} <= {"decline"}
+  if expected is not None:
+    assert len(answer["rows"]) == expected
+  latest = {t["transaction_id"]: t["score"] for t in table.to_pylist()}
+  assert all(score == pytest.approx(latest[tx]) for tx, _, score in answer["rows"])
+
+
+def test_standard_forms_run_on_clickhouse_18(redecided):
+  table, client = redecided["table"], redecided["client"]
+  answer = _sql(client, "SELECT customer_id, count(*) FILTER (WHERE decision = 'decline') AS declined, "
+                        "sum(amount_minor) FILTER (WHERE decision = 'approve') AS approved_amount, "
+                        "percentile_cont(1.0) WITHIN GROUP (ORDER BY amount_minor) AS largest "
+                        f"FROM decisions WHERE {RECENT} GROUP BY 1 ORDER BY 1")
+  customers = sorted(set(table.column("customer_id").to_pylist()))
+  assert [r[0] for r in answer["rows"]] == customers
+  for customer, declined, approved, largest in answer["rows"]:
+    mine = [t for t in table.to_pylist() if t["customer_id"] == customer]
+    assert (declined, approved, largest) == (len(mine), 0, max(t["amount_minor"] for t in mine))
+
+
+def test_flagged_per_hour_terminal_passes_through_to_clickhouse(redecided):
+  table = redecided["table"]
+  answer = _sql(redecided["client"], "SELECT terminal_id, sum(flagged) AS flagged, "
+                                     "sum(flagged_amount_minor) AS amount FROM flagged_per_hour_terminal "
+                                     "WHERE hour >= now() - interval '10 days' GROUP BY terminal_id ORDER BY 1")
+  assert answer["engine"] == "clickhouse"
+  expected = {}
+  for row in table.to_pylist():
+    n, amount = expected.get(row["terminal_id"], (0, 0))
+    expected[row["terminal_id"]] = (n + 1, amount + row["amount_minor"])
+  assert {t: (int(n), int(a)) for t, n, a in answer["rows"]} == expected

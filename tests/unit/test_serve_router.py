@@ -42,9 +42,10 @@ def _refusal(sql, **kwargs):
     ("SELECT * FROM read_parquet('/etc/x.parquet')", "table functions are not allowed: READ_PARQUET('/etc/x.parquet')"),
     ("SELECT * FROM generate_series(1, 10)", "table functions are not allowed: GENERATE_SERIES(1, 10)"),
     ("SELECT * FROM customers", "unknown table customers: the tables are decisions, decisions_per_minute, "
-                                "dead_letters, runs, dq_results, dashboards"),
+                                "flagged_per_hour_terminal, dead_letters, runs, dq_results, dashboards"),
     ("SELECT * FROM system.numbers", "unknown table system.numbers: use the logical tables decisions, "
-                                     "decisions_per_minute, dead_letters, runs, dq_results, dashboards"),
+                                     "decisions_per_minute, flagged_per_hour_terminal, dead_letters, runs, "
+                                     "dq_results, dashboards"),
     ("SELECT set_config('role', 'postgres', true)", "function set_config() is not allowed (it reaches outside the "
                                                     "query)"),
     ("SELECT pg_read_file('/etc/passwd')", "function pg_read_file() is not allowed (it reaches outside the query)"),
@@ -109,6 +110,9 @@ def test_tables_pick_their_server():
   assert _plan("SELECT count(*) FROM dead_letters").engine == "postgres"
   assert _plan("SELECT * FROM dq_results, dashboards").engine == "postgres"
   assert _plan("SELECT * FROM decisions_per_minute").engine == "clickhouse"
+  assert _plan("SELECT * FROM flagged_per_hour_terminal").engine == "clickhouse"
+  assert _refusal("SELECT * FROM flagged_per_hour_terminal", engine="cold") == \
+      "flagged_per_hour_terminal is a ClickHouse table: engine cold cannot answer it"
   assert _refusal("SELECT * FROM runs", engine="clickhouse") == \
       "runs are PostgreSQL tables: engine clickhouse cannot answer them"
   assert _refusal("SELECT * FROM decisions_per_minute", available=ALL._replace(clickhouse=False)) == \
@@ -120,13 +124,93 @@ def test_clickhouse_translation():
   plan = _plan("SELECT date_trunc('minute', d.event_time) AS m, count(*) FROM decisions d, decisions e "
                "WHERE d.event_time >= '2026-11-20' AND d.event_time >= now() - interval '7 days' GROUP BY 1")
   source = router.decisions_source("clickhouse", ALL, plan.since)
-  assert source.endswith("FROM txs.decisions FINAL WHERE event_date >= toDate('2026-11-24'))")
+  assert source.endswith("FROM txs.decisions FINAL PREWHERE event_date >= toDate('2026-11-24'))")
   assert "toString(decision) AS decision" in source
+  # A join: nothing pushed into either side (a bare column could be the other table's).
   assert plan.sql.replace(source, "<D>") == (
       "SELECT toStartOfMinute(d.event_time) AS m, COUNT(*) FROM <D> AS d CROSS JOIN <D> AS e "
       "WHERE d.event_time >= '2026-11-20 00:00:00' AND d.event_time >= now() - INTERVAL 604800 SECOND "
-      "GROUP BY 1 LIMIT 101")
+      "GROUP BY toStartOfMinute(d.event_time) LIMIT 101")
   assert _plan("SELECT * FROM decisions_per_minute m").sql == "SELECT * FROM txs.decisions_per_minute AS m LIMIT 101"
+  assert _plan("SELECT * FROM flagged_per_hour_terminal").sql == \
+      "SELECT * FROM txs.flagged_per_hour_terminal AS flagged_per_hour_terminal LIMIT 101"
+
+
+def _pushed(sql):
+  """The PREWHERE of the (one) decisions subquery and the query around it."""
+  inner, outer = _plan(sql).sql.split(" FINAL PREWHERE ", 1)[1].split(") AS ", 1)
+  return inner, outer
+
+
+def test_event_field_conditions_go_before_final_and_the_rest_after():
+  inner, outer = _pushed("SELECT * FROM decisions d WHERE d.transaction_id = 'tx-1' AND decision = 'review' "
+                         "AND event_time >= now() - interval '2 days' AND (customer_id = 7 OR terminal_id IN (1, 2)) "
+                         "AND score > 0.5 AND amount_minor BETWEEN 10 AND 20")
+  assert inner == ("event_date >= toDate('2026-11-29') AND (transaction_id = 'tx-1') "
+                   "AND (event_time >= now() - INTERVAL 172800 SECOND) AND (customer_id = 7 OR terminal_id IN (1, 2)) "
+                   "AND (amount_minor BETWEEN 10 AND 20)")
+  # The whole WHERE still applies after de-duplication: decision and score only there.
+  assert outer.startswith("d WHERE d.transaction_id = 'tx-1' AND decision = 'review'")
+  assert "score > 0.5" in outer
+
+
+@pytest.mark.parametrize("where", [
+    "(customer_id = 7 OR decision = 'decline')",                # a mutable column inside an OR
+    "customer_id IN (SELECT customer_id FROM decisions_per_minute)",  # a subquery
+    "decided_at >= now() - interval '1 day'",                    # changes with each version
+    "e.customer_id = 7",                                         # another table's column
+])
+def test_conditions_that_could_change_between_versions_are_not_pushed(where):
+  inner, _ = _pushed(f"SELECT * FROM decisions WHERE event_time >= now() - interval '1 day' AND {where}")
+  assert inner == "event_date >= toDate('2026-11-30') AND (event_time >= now() - INTERVAL 86400 SECOND)"
+
+
+def test_each_decisions_reference_gets_its_own_conditions():
+  sql = _plan("SELECT count(*) FROM decisions WHERE event_time >= now() - interval '1 day' AND customer_id = 1 "
+              "UNION ALL SELECT count(*) FROM decisions WHERE event_time >= now() - interval '1 day' "
+              "AND customer_id = 2").sql
+  assert "(customer_id = 1)) AS decisions" in sql and "(customer_id = 2)) AS decisions" in sql
+
+
+@pytest.mark.parametrize("sql,translated", [
+    ("SELECT event_date, count(*) AS n FROM decisions_per_minute GROUP BY 1 ORDER BY 2 DESC, 1",
+     "SELECT event_date, COUNT(*) AS n FROM txs.decisions_per_minute AS decisions_per_minute GROUP BY event_date "
+     "ORDER BY COUNT(*) DESC NULLS FIRST, event_date LIMIT 101"),
+    ("SELECT count(*) FILTER (WHERE decision = 'decline') AS declined, count(DISTINCT terminal_id) FILTER "
+     "(WHERE decision <> 'approve') AS t, sum(decisions) FILTER (WHERE decision = 'review') AS r, "
+     "avg(decisions) FILTER (WHERE minute > '2026-11-30') FROM decisions_per_minute",
+     "SELECT countIf(decision = 'decline') AS declined, uniqExactIf(terminal_id, decision <> 'approve') AS t, "
+     "sumIf(decisions, decision = 'review') AS r, avgIf(decisions, minute > '2026-11-30') "
+     "FROM txs.decisions_per_minute AS decisions_per_minute LIMIT 101"),
+    ("SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY flagged_amount_minor) AS p95 "
+     "FROM flagged_per_hour_terminal",
+     "SELECT quantileExact(0.95)(flagged_amount_minor) AS p95 "
+     "FROM txs.flagged_per_hour_terminal AS flagged_per_hour_terminal LIMIT 101"),
+])
+def test_standard_forms_clickhouse_18_lacks_are_rewritten(sql, translated):
+  assert _plan(sql).sql == translated
+
+
+def test_positional_forms_are_kept_on_the_other_engines():
+  assert _plan("SELECT stage, count(*) FROM dead_letters GROUP BY 1 ORDER BY 2").sql == \
+      "SELECT stage, COUNT(*) FROM public.dead_letters AS dead_letters GROUP BY 1 ORDER BY 2 LIMIT 101"
+
+
+@pytest.mark.parametrize("sql,message", [
+    ("SELECT * FROM decisions_per_minute GROUP BY 1", "GROUP BY 1 with SELECT *: name the column"),
+    ("SELECT minute FROM decisions_per_minute ORDER BY 3", "ORDER BY 3: the select has 1 columns"),
+    ("SELECT max(decisions) FILTER (WHERE decision = 'x') FROM decisions_per_minute", None),
+    ("SELECT stddev_samp(decisions) FILTER (WHERE decision = 'x') FROM decisions_per_minute",
+     "STDDEV_SAMP(decisions) FILTER (WHERE ...) is not supported on ClickHouse: use sum(CASE WHEN ... END)"),
+    ("SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY decisions) FROM decisions_per_minute",
+     "PERCENTILE_DISC(0.5) WITHIN GROUP is not supported on ClickHouse: use percentile_cont(p) WITHIN GROUP "
+     "(ORDER BY x) or quantile(x, p)"),
+])
+def test_clickhouse_rewrites_refuse_what_they_cannot_translate(sql, message):
+  if message is None:
+    assert "maxIf(decisions, decision = 'x')" in _plan(sql).sql
+    return
+  assert _refusal(sql) == message
 
 
 def test_postgres_translation_and_limits():

