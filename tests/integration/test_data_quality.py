@@ -93,6 +93,7 @@ def test_a_drifted_day_fails_exactly_its_decline_rate_and_the_run_exits_3(servic
   assert len(others) == 9
   # Nothing lost: every decision is in the cold tier and the warm tier all the same.
   assert cold_table.read(f"{tmp_path}/cold").num_rows == summary["scored"] == summary["events_in"]
+  assert not glob.glob(f"{tmp_path}/cold/_staging/*")  # staging and the validation's snapshot of it are gone
   with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
     cur.execute("SELECT count(*) FROM decisions")
     assert cur.fetchone()[0] == summary["scored"]

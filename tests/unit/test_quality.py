@@ -222,6 +222,7 @@ def test_a_validation_that_cannot_run_is_a_failed_result_with_its_error(tmp_path
   result = validator.result()
   assert result["success"] is False and "\n" not in result["error"]
   assert "parquet" in result["error"].lower() or "magic" in result["error"].lower()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["staging"]  # the child removed its snapshot
 
 
 def test_a_validator_without_a_job_ends_quietly():

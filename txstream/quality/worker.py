@@ -14,8 +14,10 @@ a third more time on a 1M-event run. Here:
      run's staged decisions are, the run's counts, the thresholds file, the
      rules' score thresholds and the window. The child reads the staged rows
      (the feature columns' ranges from the Parquet statistics alone) and
-     answers ``read``; the driver may then publish (move) the staged files,
-     the cold-tier commit, while the child validates.
+     validates them while the driver publishes (moves) the staged files, the
+     cold-tier commit: a local staging folder is snapshotted as hard links
+     first, so the commit need not wait for the read; on S3 ``submit`` waits
+     until the child has read the rows.
   3. ``result`` waits for the ``data_quality`` result.
 
 Messages are pickles over the child's stdin and its original stdout (its
@@ -26,6 +28,7 @@ validation (exit 3): the decisions are written regardless.
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from typing import Optional, Tuple
@@ -52,11 +55,15 @@ def _serve(requests, replies) -> None:
       return
     decisions = ranges = None
     if job["staging"]:
-      fs, where = object_store.filesystem(job["staging"], job["storage"])
-      paths = object_store.parquet_files(fs, where)
-      # The feature suite checks ranges only: from the Parquet statistics, without reading 26 columns of floats.
-      ranges = object_store.column_ranges(fs, paths, contracts.FEATURE_COLUMNS)
-      decisions = object_store.read_columns(fs, paths, COLUMNS) if paths else None
+      try:
+        fs, where = object_store.filesystem(job["staging"], job["storage"])
+        paths = object_store.parquet_files(fs, where)
+        # The feature suite checks ranges only: from the Parquet statistics, without reading 26 columns of floats.
+        ranges = object_store.column_ranges(fs, paths, contracts.FEATURE_COLUMNS)
+        decisions = object_store.read_columns(fs, paths, COLUMNS) if paths else None
+      finally:
+        if job.get("remove"):
+          shutil.rmtree(job["staging"], ignore_errors=True)  # the snapshot of hard links
     reply("read", decisions.num_rows if decisions is not None else 0)
     config = validate.QualityConfig.load(job["config_path"])
     result = validate.check(decisions, job["counts"], config, job["review_score"], job["decline_score"],
@@ -76,6 +83,7 @@ class Validator:
     self._process = subprocess.Popen([sys.executable, "-m", "txstream.quality.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
     self._error: Optional[str] = None
+    self._read_pending = False
 
   def _receive(self) -> tuple:
     try:
@@ -86,24 +94,34 @@ class Validator:
 
   def submit(self, staging: Optional[str], storage: dict, counts: dict, config_path: Optional[str],
              review_score: float, decline_score: float, window: Optional[Tuple[int, int]]) -> None:
-    """Sends the job and waits until the child has read the staged rows (they may then be moved).
+    """Sends the job; returns once the staged files may be moved (the commit).
 
-    ``staging``: the run's staging folder (``cold_table.staging_path``), None without a cold tier.
+    ``staging``: the run's staging folder (``cold_table.staging_path``), None
+    without a cold tier. A local one is snapshotted as hard links beside it
+    (instant; the child reads and removes them), so the commit need not wait
+    for the read; otherwise (S3) this waits until the child has read the rows.
     """
+    snapshot = _snapshot(staging) if staging and "://" not in staging else None
     try:
-      pickle.dump({"staging": staging, "storage": storage, "counts": counts, "config_path": config_path,
-                   "review_score": review_score, "decline_score": decline_score, "window": window},
-                  self._process.stdin)
+      pickle.dump({"staging": snapshot or staging, "remove": snapshot is not None, "storage": storage,
+                   "counts": counts, "config_path": config_path, "review_score": review_score,
+                   "decline_score": decline_score, "window": window}, self._process.stdin)
       self._process.stdin.flush()
-      answer = self._receive()
+      answer = self._receive() if snapshot is None else ("read", None)
     except OSError as e:
       answer = ("error", f"the data-quality process ended: {type(e).__name__}", "")
+    self._read_pending = snapshot is not None and answer[0] != "error"
     if answer[0] == "error":
       self._error = answer[1]
       _LOGGER.error("data quality: %s\n%s", answer[1], answer[2])
 
   def result(self) -> dict:
     """The ``data_quality`` result; ``{"success": False, "error": ...}`` if the child could not validate."""
+    if self._error is None and self._read_pending:
+      answer = self._receive()
+      if answer[0] == "error":
+        self._error = answer[1]
+        _LOGGER.error("data quality: %s\n%s", answer[1], answer[2])
     if self._error is None:
       answer = self._receive()
       if answer[0] == "result":
@@ -126,6 +144,27 @@ class Validator:
     except subprocess.TimeoutExpired:
       self._process.kill()
       self._process.wait()
+
+
+def _snapshot(staging: str) -> Optional[str]:
+  """Hard links of a local staging folder's Parquet files in a folder beside it; None if that cannot be done."""
+  if not os.path.isdir(staging):
+    return None
+  snapshot = staging.rstrip("/") + "-dq"
+  try:
+    shutil.rmtree(snapshot, ignore_errors=True)
+    os.makedirs(snapshot)
+    for folder, _, names in os.walk(staging):
+      for name in names:
+        if name.endswith(".parquet") and not name.startswith((".", "_")):
+          source = os.path.join(folder, name)
+          target = os.path.join(snapshot, os.path.relpath(source, staging).replace(os.sep, "__"))
+          os.link(source, target)
+    return snapshot
+  except OSError as e:
+    _LOGGER.debug("data quality: no hard-link snapshot of %s (%s); the commit waits for the read", staging, e)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return None
 
 
 def main() -> None:
