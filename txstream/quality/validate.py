@@ -206,7 +206,6 @@ _CATEGORICAL = ("currency", "decision", "decision_evidence", "score_band", "mode
 
 def decision_frame(decisions: pa.Table, review_score: float, decline_score: float):
   """The row-level suite's frame: the checked columns and the derived ones (see the module docstring)."""
-  import pandas as pd
   n = decisions.num_rows
   decision = decisions.column("decision")
   has_reasons = pc.greater(pc.fill_null(pc.list_value_length(decisions.column("reason_codes")), 0), 0)
