@@ -59,6 +59,11 @@ def test_new_keys_duplicates_and_stored_keys_each_make_one_version(tmp_path):
   assert _rows(uri, version=2) == [("t1", 1), ("t2", 2), ("t3", 3), ("t4", 4)]
 
 
+def _staged(root, run_id):
+  fs, where = object_store.filesystem(cold_table.staging_path(str(root), run_id), {})
+  return fs, object_store.parquet_files(fs, where)
+
+
 def test_staged_ranges_come_from_the_parquet_statistics_and_match_the_rows(tmp_path):
   root = tmp_path / "cold"
   rng = np.random.default_rng(4)
@@ -74,8 +79,7 @@ def test_staged_ranges_come_from_the_parquet_statistics_and_match_the_rows(tmp_p
                  "event_date=2018-04-02" / "w1.parquet", write_statistics=False)
   written.append(pa.table({"a": [100.0], "b": [-100.0]}))
   everything = pa.concat_tables(written)
-  ranges = object_store.column_ranges(*cold_table.staged_files(str(root), "run-1", {}), ["a", "b"])
+  ranges = object_store.column_ranges(*_staged(root, "run-1"), ["a", "b"])
   for column in ("a", "b"):
     assert ranges[column] == (min(everything.column(column).to_pylist()), max(everything.column(column).to_pylist()))
-  assert object_store.column_ranges(*cold_table.staged_files(str(root), "no-such-run", {}), ["a"]) == {
-      "a": (None, None)}
+  assert object_store.column_ranges(*_staged(root, "no-such-run"), ["a"]) == {"a": (None, None)}

@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -74,29 +73,11 @@ class Staged(NamedTuple):
   event_date: str
 
 
-def staged_files(root: str, run_id: str, storage: dict):
-  """(filesystem, the Parquet files a run staged) before ``commit``; no files if it staged none."""
-  fs, where = filesystem(staging_path(root, run_id), storage)
-  return fs, object_store.parquet_files(fs, where)
-
-
-def staged_rows(root: str, run_id: str, options: Optional[PipelineOptions] = None,
-                columns: Optional[Sequence[str]] = None) -> pa.Table:
-  """The rows a run staged (what its graph decided), before ``commit``; empty if it staged none."""
-  fs, paths = staged_files(root, run_id, storage_options(options))
-  if not paths:
-    empty = parquet.COLD_SCHEMA.empty_table()
-    return empty.select(list(columns)) if columns else empty
-  return object_store.read_columns(fs, paths, columns)
-
-
 def commit(root: str, run_id: str, options: Optional[PipelineOptions] = None) -> Committed:
   """Publishes the run's staged rows in the table (one version) and removes the staging directory."""
   storage = storage_options(options)
   fs, where = filesystem(staging_path(root, run_id), storage)
-  staged = [Staged(f.path, f.path.rsplit("/", 2)[-2].split("=", 1)[1])
-            for f in fs.get_file_info(pyarrow.fs.FileSelector(where, recursive=True, allow_not_found=True))
-            if f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))]
+  staged = [Staged(path, path.rsplit("/", 2)[-2].split("=", 1)[1]) for path in object_store.parquet_files(fs, where)]
   if not staged:
     return Committed(None, 0, 0)
   source = ds.dataset([f.path for f in staged], format="parquet", filesystem=fs, schema=parquet.COLD_SCHEMA)

@@ -304,5 +304,19 @@ const TX = (() => {
     }
   }
 
-  return {api, catalogue, resolve, Board, showError, API_KEY_STORE};
+  // A page's one board: ``load()`` resolves to {title, panels}; drawn into #board, refreshed every 5 s, the
+  // title into #title, an error into #error.
+  async function showBoard(load) {
+    try {
+      const {title, panels} = await load();
+      document.getElementById("title").textContent = title;
+      const board = new Board(document.getElementById("board"), panels, {every: 5000});
+      window.txBoard = board;
+      await board.start();
+    } catch (e) {
+      showError(document.getElementById("error"), e);
+    }
+  }
+
+  return {api, catalogue, resolve, Board, showError, showBoard, API_KEY_STORE};
 })();
